@@ -1,0 +1,5 @@
+import sys
+
+from ducat.cli import main
+
+sys.exit(main())

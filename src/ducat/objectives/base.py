@@ -1,0 +1,111 @@
+"""What every training objective shares: settings, the attacked view of the model, the DUCAT term.
+
+An objective is called once per training step as ``objective(model, x, y, ducat_active=...)``
+with un-augmented inputs ``x`` (``(B, C, H, W)`` in [0,1]) and labels ``y`` (``(B,)``); it crafts
+the training attack, runs the forward pass(es) and returns a :class:`StepOutput`. The model is
+either a plain C-output classifier (baselines) or a :class:`~ducat.dummy.DummyClassModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ducat.attacks import PGD, eval_mode
+from ducat.dummy import DummyClassModel, OriginalLogits, ducat_loss
+
+AttackMode = Literal["raw", "original", "merged"]
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSettings:
+    """The training attack. ``eps`` and ``step_size`` in [0,1] pixel units (8/255 = 0.0314).
+
+    ``mode`` (DUCAT models only): ``raw`` attacks CE on the 2C logits (released code), ``original``
+    the first C logits (paper eq. 7), ``merged`` the projected classifier (max-merged logits).
+    ``bn_eval``: craft the attack with BatchNorm in eval mode (released code) or in train mode
+    (Madry/Rice-style).
+    """
+
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    steps: int = 10
+    mode: AttackMode = "raw"
+    bn_eval: bool = True
+
+
+@dataclass(frozen=True)
+class DucatSettings:
+    """DUCAT weights (paper eq. 9): alpha weighs clean vs adversarial, beta1 the clean target's
+    mass on y, beta2 the adversarial target's mass on dummy(y)."""
+
+    alpha: float = 0.5
+    beta1: float = 0.75
+    beta2: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    """Loss to back-propagate and detached logits for training statistics (``(B, K)`` or None)."""
+
+    loss: torch.Tensor
+    logits_clean: torch.Tensor | None
+    logits_adv: torch.Tensor
+
+
+def attacked_view(model: nn.Module, mode: AttackMode) -> nn.Module:
+    """The function of the input that the training attack maximises its loss on."""
+    if not isinstance(model, DummyClassModel) or mode == "raw":
+        return model
+    if mode == "original":
+        return OriginalLogits(model)
+    if mode == "merged":
+        return model.projected("max")
+    raise ValueError(f"unknown attack mode '{mode}'; choose raw, original or merged")
+
+
+def dummy_mask_probability(probs: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Probability of the true class, ``(B,)``; on a DUCAT model ``p_y + p_dummy(y)`` (projected)."""
+    p = probs.gather(1, y[:, None]).squeeze(1)
+    if isinstance(model, DummyClassModel):
+        p = p + probs.gather(1, model.dummy_index[y][:, None]).squeeze(1)
+    return p
+
+
+class Objective:
+    """Base class: holds the settings and the generator for attack random starts."""
+
+    name = "base"
+
+    def __init__(self, attack: AttackSettings, ducat: DucatSettings, generator: torch.Generator | None = None):
+        self.attack, self.ducat, self.generator = attack, ducat, generator
+
+    def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """PGD on CE over the attacked view of the model, BatchNorm per ``attack.bn_eval``."""
+        a = self.attack
+        pgd = PGD(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, generator=self.generator)
+        with eval_mode(model, a.bn_eval):
+            return pgd(x, y)
+
+    def classification(self, model: nn.Module, logits_clean: torch.Tensor, logits_adv: torch.Tensor,
+                       y: torch.Tensor, ducat_active: bool) -> torch.Tensor:
+        """DUCAT term when active (needs a DummyClassModel), else the method's plain CE term."""
+        if ducat_active:
+            if not isinstance(model, DummyClassModel):
+                raise TypeError("DUCAT needs a DummyClassModel (2C outputs); see ducat.dummy.widen_model")
+            d = self.ducat
+            return ducat_loss(logits_clean, logits_adv, y, model.dummy_index, d.alpha, d.beta1, d.beta2)
+        return self.plain_classification(logits_clean, logits_adv, y)
+
+    def plain_classification(self, logits_clean: torch.Tensor, logits_adv: torch.Tensor,
+                             y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits_adv.float(), y)
+
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
+                 augment: Augment) -> StepOutput:
+        raise NotImplementedError

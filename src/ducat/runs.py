@@ -1,0 +1,92 @@
+"""Building run models from configs and checkpoints, and picking devices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ducat.checkpoint import CheckpointError, checkpoint_config, classifier_outputs, load_checkpoint, load_weights
+from ducat.config import TrainConfig, config_from_dict
+from ducat.data import dataset_info
+from ducat.dummy import DummyClassModel, make_pairing, widen_model
+from ducat.models import build_model
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device '{name}' requested but CUDA is not available")
+    return device
+
+
+def build_plain_model(config: TrainConfig) -> nn.Module:
+    """The C-output classifier of a config (normalization inside when ``model.normalize``)."""
+    info = dataset_info(config.data.dataset)
+    mean, std = (info.mean, info.std) if config.model.normalize else (None, None)
+    return build_model(config.model.name, info.num_classes, info.in_channels, mean, std)
+
+
+def build_run_model(config: TrainConfig) -> nn.Module:
+    """A fresh model for a config: 2C-output :class:`DummyClassModel` when DUCAT is enabled."""
+    model = build_plain_model(config)
+    if not config.ducat.enabled:
+        return model
+    num_classes = dataset_info(config.data.dataset).num_classes
+    return widen_model(model, make_pairing(num_classes, config.ducat.pairing_seed), dummy_init="random")
+
+
+def load_into_run_model(config: TrainConfig, weights: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Model for ``config`` initialised from ``weights`` (C- or 2C-output checkpoint).
+
+    A C-output checkpoint loaded into a DUCAT config is widened (dummy rows per
+    ``ducat.dummy_init``); a 2C checkpoint keeps its own pairing."""
+    num_classes = dataset_info(config.data.dataset).num_classes
+    outputs = classifier_outputs(weights)
+    if outputs not in (num_classes, 2 * num_classes):
+        raise CheckpointError(f"checkpoint '{source}' has {outputs} outputs; {config.data.dataset} needs "
+                              f"{num_classes} (plain) or {2 * num_classes} (DUCAT)")
+    if outputs == 2 * num_classes:
+        if not config.ducat.enabled:
+            raise CheckpointError(f"checkpoint '{source}' is a DUCAT model ({outputs} outputs); "
+                                  "set ducat.enabled=true to continue it")
+        if "dummy_index" not in weights:
+            raise CheckpointError(f"checkpoint '{source}' has 2C outputs but no 'dummy_index' pairing")
+        plain = build_plain_model(config)
+        wide = widen_model(plain, weights["dummy_index"], dummy_init="random")
+        load_weights(wide, weights, source)
+        return wide
+    plain = build_plain_model(config)
+    load_weights(plain, weights, source)
+    if not config.ducat.enabled:
+        return plain
+    return widen_model(plain, make_pairing(num_classes, config.ducat.pairing_seed), dummy_init=config.ducat.dummy_init)
+
+
+def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
+    """Rebuild the model of a ducat checkpoint (or run directory) with its saved config."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "best.pt", path / "last.pt"]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise CheckpointError(f"run directory '{path}' has no best.pt or last.pt")
+        path = found
+    state = load_checkpoint(path)
+    saved = checkpoint_config(state)
+    if saved is None:
+        raise CheckpointError(f"checkpoint '{path}' has no ducat config; build the model yourself and "
+                              "pass it to ducat.evaluate (or use --model/--dataset)")
+    saved.setdefault("finetune", {})["checkpoint"] = None  # the source may be gone; not needed here
+    config = config_from_dict(saved)
+    model = load_into_run_model(config, state["model"], str(path))
+    return model, config, state
+
+
+def is_dummy_model(model: nn.Module) -> bool:
+    return isinstance(model, DummyClassModel)

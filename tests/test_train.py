@@ -1,0 +1,124 @@
+"""The training loop: resume equivalence, fine-tuning, run-directory safety, per-epoch outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ducat.checkpoint import CheckpointError, load_checkpoint
+from ducat.config import load_config
+from ducat.dummy import DummyClassModel
+from ducat.runs import model_from_checkpoint
+from ducat.train import RunError, Trainer, ducat_active, learning_rate, train
+
+TINY = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
+        "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true"]
+
+
+def tiny_config(tmp_path, preset="cpu-digits-small_cnn-pgd_at-ducat", epochs=3, extra=()):
+    start = min(2, epochs)
+    return load_config(preset, TINY + [f"optim.epochs={epochs}", f"optim.milestones=[{start}]", f"ducat.start_epoch={start}",
+                                       f"run.out={tmp_path}", *extra])
+
+
+def weights(run_dir, name="last.pt"):
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def test_schedule_and_ducat_window():
+    config = load_config("paper-cifar10-resnet18-pgd_at-ducat")
+    assert [learning_rate(e, config) for e in (1, 100, 101, 105, 106, 130)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert not ducat_active(104, config) and ducat_active(105, config) and ducat_active(130, config)
+    plain = load_config("paper-cifar10-resnet18-pgd_at")
+    assert not ducat_active(130, plain)
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "trades"])
+def test_resume_gives_identical_weights(tmp_path, method):
+    straight = tiny_config(tmp_path / "straight", f"cpu-digits-small_cnn-{method}-ducat")
+    train(straight, log=lambda s: None)
+
+    interrupted = tiny_config(tmp_path / "resumed", f"cpu-digits-small_cnn-{method}-ducat")
+    trainer = Trainer(interrupted, log=lambda s: None)
+    original = trainer.train_epoch
+
+    def stop_at_epoch_2(epoch, progress=None):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return original(epoch, progress)
+
+    trainer.train_epoch = stop_at_epoch_2
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 1
+    train(interrupted, resume=True, log=lambda s: None)
+
+    a, b = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+
+
+def test_existing_run_is_never_restarted(tmp_path):
+    config = tiny_config(tmp_path, epochs=1)
+    train(config, log=lambda s: None)
+    with pytest.raises(RunError, match="already holds a run"):
+        Trainer(config)
+    with pytest.raises(RunError, match="nothing to resume"):
+        Trainer(tiny_config(tmp_path / "empty", epochs=1), resume=True)
+
+
+def test_resume_refuses_a_changed_config(tmp_path):
+    train(tiny_config(tmp_path, epochs=1), log=lambda s: None)
+    changed = tiny_config(tmp_path, epochs=1, extra=["ducat.beta1=0.5"])
+    with pytest.raises(RunError, match="differs"):
+        Trainer(changed, resume=True)
+
+
+def test_run_outputs_and_ducat_model(tmp_path):
+    result = train(tiny_config(tmp_path, epochs=2), log=lambda s: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ducat_active"] for r in rows] == [False, True]
+    for row in rows:
+        assert 0 <= row["val_clean_acc"] <= 1 and 0 <= row["val_pgd_acc"] <= 1 and row["train_loss"] > 0
+    for name in ("config.yaml", "best.pt", "last.pt", "last.pt.sha256", "model.safetensors", "summary.json"):
+        assert (tmp_path / name).is_file(), name
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert state["epoch"] == 2 and torch.equal(state["model"]["dummy_index"], torch.arange(10, 20))
+    model, config, _ = model_from_checkpoint(tmp_path)
+    assert isinstance(model, DummyClassModel) and config.ducat.enabled
+    assert result.best_epoch in (1, 2)
+
+
+def test_finetune_widens_a_plain_checkpoint(tmp_path):
+    base = tiny_config(tmp_path / "base", "cpu-digits-small_cnn-pgd_at", epochs=2)
+    train(base, log=lambda s: None)
+    plain = weights(tmp_path / "base")
+    assert plain["net.fc.weight"].shape[0] == 10
+
+    tuned = tiny_config(tmp_path / "tuned", epochs=3,
+                        extra=[f"finetune.checkpoint={tmp_path / 'base' / 'last.pt'}", "finetune.start_epoch=3",
+                               "ducat.pairing_seed=7"])
+    trainer = Trainer(tuned, log=lambda s: None)
+    model = trainer.model
+    assert isinstance(model, DummyClassModel)
+    fc = model.net.net.fc.weight
+    assert torch.equal(fc[:10], plain["net.fc.weight"])
+    assert torch.equal(fc[model.dummy_index], plain["net.fc.weight"])  # dummy rows start as copies
+    trainer.run()
+    rows = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [3] and rows[0]["ducat_active"]
+
+
+def test_finetune_refuses_a_checkpoint_of_another_model(tmp_path):
+    train(tiny_config(tmp_path / "base", "cpu-digits-small_cnn-pgd_at", epochs=1), log=lambda s: None)
+    other = load_config("cpu-fmnist-small_cnn-pgd_at-ducat",
+                        [f"finetune.checkpoint={tmp_path / 'base' / 'last.pt'}", f"run.out={tmp_path / 'x'}",
+                         "model.name=resnet18"])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Trainer(other)
