@@ -20,7 +20,7 @@ def _n_params(model: nn.Module) -> int:
 
 
 def test_model_names():
-    assert set(MODEL_NAMES) == {*CIFAR_NETS, "small_cnn"}
+    assert set(MODEL_NAMES) == {*CIFAR_NETS, "small_cnn", "mlp"}
 
 
 @pytest.mark.parametrize("name", CIFAR_NETS)
@@ -74,7 +74,7 @@ def test_bottleneck_resnet18_feature_dim():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_last_linear_is_classifier(name):
-    model = _model(name, 10, 1 if name == "small_cnn" else 3)
+    model = _model(name, 10, 1 if name in ("small_cnn", "mlp") else 3)
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     last_name, last = linears[-1]
     assert last_name == "net.fc"
@@ -135,3 +135,10 @@ def test_count_flops_by_hand():
 def test_count_flops_grouped_strided_conv():
     model = nn.Conv2d(4, 6, kernel_size=3, stride=2, padding=1, groups=2)
     assert count_flops(model, (4, 8, 8)) == 2 * (4 // 2) * 3 * 3 * 6 * 4 * 4
+
+
+def test_mlp_has_no_batchnorm_and_takes_any_size():
+    model = build_model("mlp", 10, 1)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    for size in (8, 28):
+        assert model(torch.rand(2, 1, size, size)).shape == (2, 10)

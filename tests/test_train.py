@@ -92,13 +92,14 @@ def test_run_outputs_and_ducat_model(tmp_path):
     assert state["epoch"] == 2 and torch.equal(state["model"]["dummy_index"], torch.arange(10, 20))
     model, config, _ = model_from_checkpoint(tmp_path)
     assert isinstance(model, DummyClassModel) and config.ducat.enabled
-    assert result.best_epoch in (1, 2)
+    assert result.best_epoch == 2  # DUCAT runs select among DUCAT epochs (start_epoch=2)
 
 
 def test_finetune_widens_a_plain_checkpoint(tmp_path):
-    base = tiny_config(tmp_path / "base", "cpu-digits-small_cnn-pgd_at", epochs=2)
+    base = tiny_config(tmp_path / "base", "cpu-digits-small_cnn-pgd_at", epochs=2, extra=["run.save_epochs=[1]"])
     train(base, log=lambda s: None)
     plain = weights(tmp_path / "base")
+    assert load_checkpoint(tmp_path / "base" / "epoch_1.pt")["epoch"] == 1
     assert plain["net.fc.weight"].shape[0] == 10
 
     tuned = tiny_config(tmp_path / "tuned", epochs=3,

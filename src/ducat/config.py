@@ -62,13 +62,15 @@ class MethodConfig:
 @dataclass
 class AttackConfig:
     """Training attack (L-inf, [0,1] pixel units). ``mode``: raw | original | merged.
-    ``bn``: BatchNorm mode while crafting (eval = released code, train = Madry/Rice style)."""
+    ``bn``: BatchNorm mode while crafting (eval = released code, train = Madry/Rice style).
+    ``random_start``: PGD starts from a uniform point in the eps-ball (the paper's setting)."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
     mode: str = "raw"
     bn: str = "eval"
+    random_start: bool = True
 
 
 @dataclass
@@ -104,7 +106,7 @@ class OptimConfig:
 class ValidationConfig:
     """Per-epoch validation: clean and PGD accuracy of the projected classifier.
     ``select``: which split picks the best checkpoint: val (default), test (the paper's choice,
-    optimistic), or last (no selection)."""
+    optimistic), or last (no selection). DUCAT runs select among their DUCAT epochs only."""
 
     pgd_steps: int = 10
     n_examples: int | None = 1000
@@ -116,7 +118,9 @@ class ValidationConfig:
 class RunConfig:
     """``out``: run directory. ``device``: auto | cpu | cuda | cuda:N.
     ``deterministic``: deterministic algorithms (bit-exact resume on CPU).
-    ``amp``: bf16 autocast (auto = on CUDA with bf16 support). ``channels_last``: auto = on CUDA."""
+    ``amp``: bf16 autocast (auto = on CUDA with bf16 support). ``channels_last``: auto = on CUDA.
+    ``sync_bn``: SyncBatchNorm across torchrun ranks (CUDA only). ``save_epochs``: also keep the
+    checkpoint of these epochs as ``epoch_N.pt`` (e.g. to fork DUCAT runs from a base run)."""
 
     out: str = "runs/run"
     seed: int = 0
@@ -128,6 +132,8 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int | None = None
+    sync_bn: bool = False
+    save_epochs: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -363,6 +369,7 @@ def validate(config: TrainConfig) -> None:
     _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
            f"run.device must be auto, cpu, cuda or cuda:N, got '{r.device}'")
     _check(r.threads is None or r.threads >= 1, f"run.threads must be >= 1, got {r.threads}")
+    _check(all(1 <= e <= o.epochs for e in r.save_epochs), f"run.save_epochs must be in [1, {o.epochs}], got {r.save_epochs}")
     _check(1 <= f.start_epoch <= o.epochs, f"finetune.start_epoch must be in [1, {o.epochs}], got {f.start_epoch}")
     if f.checkpoint is not None:
         _check(Path(f.checkpoint).is_file(), f"finetune.checkpoint '{f.checkpoint}' does not exist")

@@ -44,10 +44,9 @@ def quickstart(out: Path, epochs: int = 30, progress: bool = True) -> dict[str, 
     for name in ("pgd_at", "pgd_at-ducat"):
         run_dir = out / name
         overrides = [f"run.out={run_dir}", f"run.progress={str(progress).lower()}", "run.tensorboard=false"]
-        if epochs != 30:
-            start_epoch = max(1, round(epochs * 0.8))
-            overrides += [f"optim.epochs={epochs}", f"optim.milestones=[{max(1, start_epoch - 2)}, {start_epoch}]",
-                          f"ducat.start_epoch={start_epoch}"]
+        if epochs != 30:  # keep the preset's proportions: DUCAT from 70%, lr decays after 83% and 93%
+            overrides += [f"optim.epochs={epochs}", f"optim.milestones=[{round(epochs * 0.83)}, {round(epochs * 0.93)}]",
+                          f"ducat.start_epoch={max(1, round(epochs * 0.7))}"]
         config = load_config(f"cpu-digits-small_cnn-{name.replace('-ducat', '')}" +
                              ("-ducat" if name.endswith("ducat") else ""), overrides)
         if (run_dir / "summary.json").exists():

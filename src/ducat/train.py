@@ -24,6 +24,7 @@ from ducat.attacks import PGD
 from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
 from ducat.data import TensorData, TensorLoader, dataset_info, load_split, random_crop_flip, split_train_val
+from ducat.distributed import DistContext, context_from_env
 from ducat.dummy import DummyClassModel, project_predictions
 from ducat.objectives import METHODS, AttackSettings, DucatSettings, Objective
 from ducat.runs import build_run_model, load_into_run_model, select_device
@@ -55,7 +56,7 @@ def ducat_active(epoch: int, config: TrainConfig) -> bool:
 
 def build_objective(config: TrainConfig, generator: torch.Generator | None) -> Objective:
     a, m, u = config.attack, config.method, config.ducat
-    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval")
+    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start)
     ducat = DucatSettings(u.alpha, u.beta1, u.beta2)
     extra: dict[str, Any] = {
         "pgd_at": {},
@@ -79,31 +80,34 @@ def deployed_view(model: nn.Module) -> nn.Module:
 
 
 def validate_model(model: nn.Module, data: TensorData, config: TrainConfig, seed: int = 0,
-                   autocast: Callable[[], Any] = nullcontext) -> dict[str, float]:
-    """Clean and PGD accuracy of the deployed (projected) classifier on ``data``.
+                   autocast: Callable[[], Any] = nullcontext, dist: DistContext = DistContext()) -> dict[str, float]:
+    """Clean and PGD accuracy of the deployed (projected) classifier on the first
+    ``validation.n_examples`` of ``data`` (sharded across ranks, counts summed).
 
     The PGD attack targets the projected classifier (CE on max-merged logits), the same steps and
     eps as training, step eps/4. Uses its own seeded generator so it never moves training RNG."""
     v, a = config.validation, config.attack
     n = len(data) if v.n_examples is None else min(len(data), v.n_examples)
     view = deployed_view(model)
-    generator = torch.Generator(device=data.images.device).manual_seed(seed)
+    generator = torch.Generator(device=data.images.device).manual_seed(seed + dist.rank)
     attack = PGD(view, a.eps, a.eps / 4, v.pgd_steps, generator=generator)
-    clean = robust = 0
+    counts = torch.zeros(2, device=data.images.device)
+    mine = dist.shard(n)
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, n, v.batch_size):
-            x = data.images[start:min(n, start + v.batch_size)].float() / 255
-            y = data.labels[start:min(n, start + v.batch_size)]
+        for start in range(mine.start, mine.stop, v.batch_size):
+            x = data.images[start:min(mine.stop, start + v.batch_size)].float() / 255
+            y = data.labels[start:min(mine.stop, start + v.batch_size)]
             with torch.no_grad(), autocast():
-                clean += (view(x).argmax(1) == y).sum().item()
+                counts[0] += (view(x).argmax(1) == y).sum()
             with autocast():
                 x_adv = attack(x, y)
             with torch.no_grad(), autocast():
-                robust += (view(x_adv).argmax(1) == y).sum().item()
+                counts[1] += (view(x_adv).argmax(1) == y).sum()
     finally:
         model.train(was_training)
+    clean, robust = dist.all_reduce_sum(counts).tolist()
     return {"clean_acc": clean / max(n, 1), "pgd_acc": robust / max(n, 1), "n": n}
 
 
@@ -115,7 +119,10 @@ class Trainer:
         self.config, self.resume, self.log = config, resume, log
         self.run_dir = Path(config.run.out)
         self._check_run_dir()
+        self.dist = context_from_env(config.run.device)
         self.device = select_device(config.run.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         if config.run.deterministic:
@@ -124,6 +131,10 @@ class Trainer:
         self.info = dataset_info(config.data.dataset)
         self.model = self._build_model().to(self.device)  # checkpoint errors before reading any data
         self.train_data, self.val_data, self.test_data = self._load_data()
+        if config.run.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         if self._channels_last():
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.optim.lr, momentum=config.optim.momentum,
@@ -136,6 +147,11 @@ class Trainer:
         if config.run.compile:
             self.model.compile()  # in place: state_dict keys and isinstance checks are unchanged
         self.objective = build_objective(config, self.generator)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.objective.train_module = DistributedDataParallel(self.model, device_ids=device_ids)
 
     # ---- setup -------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
@@ -233,6 +249,9 @@ class Trainer:
         seen = 0
         check_every = 1 if self.device.type == "cpu" else 50
         for step, (x, y) in enumerate(loader, start=1):
+            if self.dist.enabled:  # every rank drew the same global batch; train on this rank's share
+                mine = self.dist.shard(len(y))
+                x, y = x[mine], y[mine]
             if self._channels_last():
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast():
@@ -252,11 +271,14 @@ class Trainer:
             seen += len(y)
             if progress is not None:
                 progress.update(1)
-        loss, adv, clean, clean_n = totals.tolist()
+        local_seen = seen
+        totals = self.dist.all_reduce_sum(torch.cat([totals, torch.tensor([seen], device=self.device)]))
+        loss, adv, clean, clean_n, seen = totals.tolist()
         if not math.isfinite(loss):
             raise RunError(f"non-finite loss in epoch {epoch}; the last good checkpoint is {self.run_dir / 'last.pt'}")
         return {"train_loss": loss / seen, "train_adv_acc": adv / seen,
-                "train_clean_acc": clean / clean_n if clean_n else float("nan")}
+                "train_clean_acc": clean / clean_n if clean_n else float("nan"),
+                "world_size": self.dist.world_size, "rank0_images": local_seen}
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -272,15 +294,17 @@ class Trainer:
 
     def run(self) -> RunResult:
         c = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.yaml").write_text(describe(c))
-        writer = self._tensorboard()
+        main = self.dist.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(describe(c))
+        writer = self._tensorboard() if main else None
         eval_split = self.val_data if len(self.val_data) else self.test_data
         selection_split = self.test_data if c.validation.select == "test" else eval_split
         start_time = time.perf_counter()
         last: dict[str, Any] = {}
         steps_per_epoch = math.ceil(len(self.train_data) / c.data.batch_size)
-        progress = self._progress(steps_per_epoch * (c.optim.epochs - self.start_epoch + 1))
+        progress = self._progress(steps_per_epoch * (c.optim.epochs - self.start_epoch + 1)) if main else None
         try:
             for epoch in range(self.start_epoch, c.optim.epochs + 1):
                 if progress is not None:
@@ -292,22 +316,31 @@ class Trainer:
                 train_time = time.perf_counter() - t0
                 row["epoch_time_s"] = train_time
                 row["train_images_per_s"] = len(self.train_data) / train_time
-                metrics = validate_model(self.model, eval_split, c, autocast=self.autocast)
+                metrics = validate_model(self.model, eval_split, c, autocast=self.autocast, dist=self.dist)
                 row.update({f"val_{k}": v for k, v in metrics.items()})
                 if selection_split is not eval_split:
-                    test_metrics = validate_model(self.model, selection_split, c, autocast=self.autocast)
+                    test_metrics = validate_model(self.model, selection_split, c, autocast=self.autocast,
+                                                  dist=self.dist)
                     row.update({f"test_{k}": v for k, v in test_metrics.items()})
                     score = test_metrics["pgd_acc"]
                 else:
                     score = metrics["pgd_acc"]
-                improved = c.validation.select == "last" or score >= self.best_metric
+                # A DUCAT run's best checkpoint is chosen among its DUCAT epochs: earlier epochs are the
+                # plain base method and would make "the DUCAT model" a PGD-AT model in disguise.
+                eligible = not c.ducat.enabled or epoch >= c.ducat.start_epoch
+                improved = eligible and (c.validation.select == "last" or score >= self.best_metric)
                 if improved:
                     self.best_metric, self.best_epoch = score, epoch
+                row["best_epoch"] = self.best_epoch
+                last = row
+                if not main:
+                    continue
                 state = self._checkpoint_state(epoch)
                 if improved:
                     save_checkpoint(state, self.run_dir / "best.pt", keep_previous=False)
                 save_checkpoint(state, self.run_dir / "last.pt")
-                row["best_epoch"] = self.best_epoch
+                if epoch in c.run.save_epochs:
+                    save_checkpoint(state, self.run_dir / f"epoch_{epoch}.pt", keep_previous=False)
                 self._append_metrics(row)
                 if writer is not None:
                     for key, value in row.items():
@@ -320,13 +353,16 @@ class Trainer:
                 else:
                     self.log(f"epoch {epoch}: loss {row['train_loss']:.4f} val clean {metrics['clean_acc']:.4f} "
                              f"val pgd {metrics['pgd_acc']:.4f} ({train_time:.1f}s)")
-                last = row
         finally:
             if progress is not None:
                 progress.close()
             if writer is not None:
                 writer.close()
-        return self._finish(last, time.perf_counter() - start_time)
+        wall_time = time.perf_counter() - start_time
+        self.dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+        if not main:
+            return RunResult(self.run_dir, c.optim.epochs, self.best_epoch, last, last, wall_time)
+        return self._finish(last, wall_time)
 
     def _finish(self, last: dict[str, Any], wall_time: float) -> RunResult:
         rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .mlp import MLP
 from .normalizer import ImageNormalizer
 from .resnet import PreActResNet, ResNet, bottleneck_resnet18, preact_resnet18, resnet18
 from .small_cnn import SmallCNN
@@ -19,6 +20,7 @@ from .wide_resnet import WideResNet, wrn28_10, wrn34_10
 __all__ = [
     "MODEL_NAMES",
     "ImageNormalizer",
+    "MLP",
     "PreActResNet",
     "ResNet",
     "SmallCNN",
@@ -34,6 +36,7 @@ _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "wrn34_10": wrn34_10,
     "bottleneck_resnet18": bottleneck_resnet18,
     "small_cnn": SmallCNN,
+    "mlp": MLP,
 }
 
 MODEL_NAMES: tuple[str, ...] = tuple(_BUILDERS)

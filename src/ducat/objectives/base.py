@@ -29,7 +29,7 @@ class AttackSettings:
     ``mode`` (DUCAT models only): ``raw`` attacks CE on the 2C logits (released code), ``original``
     the first C logits (paper eq. 7), ``merged`` the projected classifier (max-merged logits).
     ``bn_eval``: craft the attack with BatchNorm in eval mode (released code) or in train mode
-    (Madry/Rice-style).
+    (Madry/Rice-style). ``random_start``: start PGD from a uniform point in the eps-ball.
     """
 
     eps: float = 8 / 255
@@ -37,6 +37,7 @@ class AttackSettings:
     steps: int = 10
     mode: AttackMode = "raw"
     bn_eval: bool = True
+    random_start: bool = True
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,16 @@ class Objective:
 
     def __init__(self, attack: AttackSettings, ducat: DucatSettings, generator: torch.Generator | None = None):
         self.attack, self.ducat, self.generator = attack, ducat, generator
+        self.train_module: nn.Module | None = None  # e.g. DistributedDataParallel(model), set by the trainer
+
+    def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The training forward pass (through ``train_module`` when set; attacks use ``model``)."""
+        return (self.train_module or model)(x)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD on CE over the attacked view of the model, BatchNorm per ``attack.bn_eval``."""
         a = self.attack
-        pgd = PGD(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, generator=self.generator)
+        pgd = PGD(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, a.random_start, generator=self.generator)
         with eval_mode(model, a.bn_eval):
             return pgd(x, y)
 

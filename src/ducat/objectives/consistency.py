@@ -38,10 +38,10 @@ class ConsistencyAT(Objective):
         yy = torch.cat([y, y])
         views_adv = self.craft(model, views, yy)
         if ducat_active:
-            logits_clean, logits_adv = model(torch.cat([views, views_adv])).chunk(2)
+            logits_clean, logits_adv = self.forward(model, torch.cat([views, views_adv])).chunk(2)
             loss = self.classification(model, logits_clean, logits_adv, yy, True)
         else:
-            logits_clean, logits_adv = None, model(views_adv)
+            logits_clean, logits_adv = None, self.forward(model, views_adv)
             loss = F.cross_entropy(logits_adv.float(), yy)
         adv_1, adv_2 = logits_adv.chunk(2)
         loss = loss + self.lam * jensen_shannon(adv_1, adv_2, self.temperature).mean()

@@ -31,7 +31,7 @@ class MART(Objective):
                  augment: Augment) -> StepOutput:
         x = augment(x)
         x_adv = self.craft(model, x, y)
-        logits_clean, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
         loss = self.classification(model, logits_clean, logits_adv, y, ducat_active)
 
         probs_adv = F.softmax(logits_adv.float(), dim=1)

@@ -20,8 +20,8 @@ class PGDAT(Objective):
         x = augment(x)
         x_adv = self.craft(model, x, y)
         if not ducat_active:
-            logits_adv = model(x_adv)
+            logits_adv = self.forward(model, x_adv)
             return StepOutput(self.plain_classification(None, logits_adv, y), None, logits_adv.detach())
-        logits_clean, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
         loss = self.classification(model, logits_clean, logits_adv, y, True)
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())

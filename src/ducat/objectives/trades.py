@@ -41,7 +41,7 @@ class TRADES(Objective):
                  augment: Augment) -> StepOutput:
         x = augment(x)
         x_adv = self.craft(model, x, y)
-        logits_clean, logits_adv = model(torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
         loss = self.classification(model, logits_clean, logits_adv, y, ducat_active)
         loss = loss + self.beta * kl_clean_adv(logits_clean, logits_adv).mean()
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())
