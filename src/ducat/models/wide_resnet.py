@@ -15,29 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class WideBasicBlock(nn.Module):
-    """Pre-activation block BN-ReLU-conv3x3-BN-ReLU-conv3x3. When the shape
-    changes, the 1x1 shortcut conv takes the pre-activated input."""
-
-    def __init__(self, in_planes: int, out_planes: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_planes)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.shortcut = (
-            nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
-            if stride != 1 or in_planes != out_planes
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
-        return out + shortcut
+from .resnet import PreActBlock  # the WRN block is the pre-activation block (dropout 0)
 
 
 class WideResNet(nn.Module):
@@ -70,7 +48,7 @@ class WideResNet(nn.Module):
     @staticmethod
     def _make_group(in_planes: int, out_planes: int, n: int, stride: int) -> nn.Sequential:
         return nn.Sequential(
-            *(WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n))
+            *(PreActBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

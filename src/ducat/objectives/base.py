@@ -98,6 +98,13 @@ class Objective:
         with eval_mode(model, a.bn_eval):
             return pgd(x, y)
 
+    def clean_and_adversarial(self, model: nn.Module, x: torch.Tensor,
+                              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Craft x' and return the logits of ``x`` and ``x'`` from one forward pass over ``[x; x']``."""
+        x_adv = self.craft(model, x, y)
+        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
+        return logits_clean, logits_adv
+
     def classification(self, model: nn.Module, logits_clean: torch.Tensor, logits_adv: torch.Tensor,
                        y: torch.Tensor, ducat_active: bool) -> torch.Tensor:
         """DUCAT term when active (needs a DummyClassModel), else the method's plain CE term."""

@@ -29,9 +29,7 @@ class MART(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:
-        x = augment(x)
-        x_adv = self.craft(model, x, y)
-        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.clean_and_adversarial(model, augment(x), y)
         loss = self.classification(model, logits_clean, logits_adv, y, ducat_active)
 
         probs_adv = F.softmax(logits_adv.float(), dim=1)

@@ -18,10 +18,9 @@ class PGDAT(Objective):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:
         x = augment(x)
-        x_adv = self.craft(model, x, y)
         if not ducat_active:
-            logits_adv = self.forward(model, x_adv)
+            logits_adv = self.forward(model, self.craft(model, x, y))
             return StepOutput(self.plain_classification(None, logits_adv, y), None, logits_adv.detach())
-        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.clean_and_adversarial(model, x, y)
         loss = self.classification(model, logits_clean, logits_adv, y, True)
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())

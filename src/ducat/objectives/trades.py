@@ -39,9 +39,7 @@ class TRADES(Objective):
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:
-        x = augment(x)
-        x_adv = self.craft(model, x, y)
-        logits_clean, logits_adv = self.forward(model, torch.cat([x, x_adv])).chunk(2)
+        logits_clean, logits_adv = self.clean_and_adversarial(model, augment(x), y)
         loss = self.classification(model, logits_clean, logits_adv, y, ducat_active)
         loss = loss + self.beta * kl_clean_adv(logits_clean, logits_adv).mean()
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())
