@@ -71,6 +71,13 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from ducat.reproduce import reproduce
+
+    reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, nproc=args.nproc)
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         print(name)
@@ -98,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_quickstart)
+
+    p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
+    p.add_argument("--scale", required=True, choices=("smoke", "mini", "paper"),
+                   help="smoke: digits, ~3 min; mini: Fashion-MNIST, ~1 h on 2 CPU cores; paper: CIFAR-10 recipe, GPUs")
+    p.add_argument("--out", required=True, help="output directory (a rerun skips finished runs)")
+    p.add_argument("--data-root", help="dataset root (CIFAR/Tiny-ImageNet files; Fashion-MNIST optional)")
+    p.add_argument("--seeds", type=int, help="override the scale's number of seeds (paper: 3)")
+    p.add_argument("--nproc", type=int, default=1, help="train each run with torchrun on N processes/GPUs")
+    p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)
