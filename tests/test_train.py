@@ -123,3 +123,19 @@ def test_finetune_refuses_a_checkpoint_of_another_model(tmp_path):
                          "model.name=resnet18"])
     with pytest.raises(CheckpointError, match="does not fit"):
         Trainer(other)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path, capsys):
+    from ducat.quickstart import quickstart
+
+    rows = quickstart(tmp_path, progress=False)
+    out = capsys.readouterr().out
+    assert "| pgd_at | " in out and "| pgd_at-ducat | " in out and str(tmp_path) in out
+    for name in ("pgd_at", "pgd_at-ducat"):
+        assert (tmp_path / name / "summary.json").is_file()
+        assert rows[name]["clean"] > 0.9  # digits is easy: a broken loop would not get here
+        assert 0 < rows[name]["pgd_projected"] <= rows[name]["clean"]
+    # a second call reuses the finished runs instead of training again
+    quickstart(tmp_path, progress=False)
+    assert "already finished" in capsys.readouterr().out

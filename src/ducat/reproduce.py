@@ -63,7 +63,7 @@ SCALES = {
         tsne_examples=60, transfer_examples=60),
     "mini": Scale(
         "mini", "cpu-fmnist-small_cnn",
-        ("data.n_train=10000", "validation.n_examples=1000"),
+        ("data.n_train=8000", "validation.n_examples=1000"),
         epochs=10, milestones=(7, 9), start_epoch=8, seeds=1, eval_examples=1000,
         eval_attacks=("pgd10", "pgd100", "autoattack", "margin", "targeted"),
         ablations={"start_epoch": (6, 9), "beta1": (0.5, 1.0), "beta2": (0.5, 0.75), "alpha": (0.3, 0.7)},
