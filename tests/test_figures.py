@@ -1,0 +1,99 @@
+"""Analysis functions on synthetic masks with known answers, and every figure rendered."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ducat import analysis
+
+
+def test_always_failed_overlap_counts():
+    labels = np.array([0, 0, 1, 1, 1])
+    robust = {"A": np.array([1, 0, 1, 0, 1], bool), "B": np.array([1, 0, 0, 0, 1], bool),
+              "C": np.array([1, 0, 1, 0, 0], bool)}
+    out = analysis.always_failed_overlap(robust, labels, 2)
+    # beaten counts per example: [0, 3, 1, 3, 1]
+    assert out["counts"].tolist() == [[1, 0, 0, 1], [0, 2, 0, 1]]
+    assert out["uniform_defended"] == pytest.approx(1 / 5) and out["uniform_failed"] == pytest.approx(2 / 5)
+
+
+def test_transfer_rates_split_by_surrogate_success():
+    fooled_a = np.array([1, 1, 0, 0], bool)
+    out = analysis.transfer_matrix({"A": fooled_a, "B": np.array([0, 1, 1, 1], bool)},
+                                   {("A", "B"): np.array([1, 0, 0, 0], bool), ("B", "A"): np.array([1, 1, 1, 0], bool)})
+    assert out["given_success"][0, 1] == pytest.approx(0.5) and out["given_failure"][0, 1] == pytest.approx(0.0)
+    assert out["given_success"][1, 0] == pytest.approx(2 / 3) and out["given_failure"][1, 0] == pytest.approx(1.0)
+    assert np.isnan(out["given_success"][0, 0])
+
+
+def test_confusion_puts_the_sink_on_the_right_diagonal():
+    labels = np.array([0, 0, 1, 1])
+    pairing = np.array([3, 2])  # dummy(0) = 3, dummy(1) = 2
+    raw = np.array([3, 0, 2, 3])  # sink, clean, sink, dummy of the other class
+    m = analysis.confusion_under_attack(labels, raw, 2, pairing)
+    assert m.shape == (2, 4)
+    assert m.tolist() == [[0.5, 0, 0.5, 0], [0, 0, 0.5, 0.5]]  # columns: 0, 1, dummy(0), dummy(1)
+    assert analysis.confusion_under_attack(labels, np.array([0, 1, 1, 1]), 2).tolist() == [[0.5, 0.5], [0, 1]]
+
+
+def test_tables_mean_std_and_layout():
+    rows = [{"method": "PGD-AT", "ducat": d, "seed": s, "clean": c, "paper": {"PGD-10": r}, "adaptive_worst": w}
+            for d, s, c, r, w in [(False, 0, 0.80, 0.50, 0.48), (False, 1, 0.82, 0.52, 0.50),
+                                  (True, 0, 0.85, 0.70, 0.30)]]
+    table = analysis.main_table(rows).splitlines()
+    assert table[0] == "| method | clean | PGD-10 (paper) | adaptive worst case |"
+    assert table[2] == "| PGD-AT | 81.00 ± 1.41 | 51.00 ± 1.41 | 49.00 ± 1.41 |"
+    assert table[3] == "| PGD-AT + DUCAT | 85.00 | 70.00 | 30.00 |"
+    targeted = analysis.targeted_table({"run": {"original": 0.5, "dummy": 0.25}}).splitlines()
+    assert targeted[2] == "| run | 50.00 | 25.00 |"
+
+
+def test_sota_csv_matches_the_papers_table_2():
+    rows = {r["method"]: r for r in analysis.sota_points()}
+    assert len(rows) == 16  # the text says 14 SOTAs; its table 2 lists 16
+    assert (rows["AWP"]["clean"], rows["AWP"]["autoattack"]) == (85.17, 47.00)
+    assert (rows["RiFT"]["clean"], rows["RiFT"]["autoattack"]) == (83.44, 53.65)
+    assert (rows["VFD"]["clean"], rows["VFD"]["autoattack"]) == (88.30, 46.60)
+    assert rows["DAJAT"]["record_source"] == "RobustBench" and rows["GAIRAT"]["record_source"] == "Liu et al. (2021)"
+
+
+def test_penultimate_features_are_the_classifier_inputs():
+    from ducat.dummy import widen_model
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = widen_model(net)
+    x = torch.rand(7, 1, 4, 4)
+    features = analysis.penultimate_features(model, x)
+    assert features.shape == (7, 5)
+    assert np.allclose(features, torch.relu(net[1](x.flatten(1))).detach().numpy(), atol=1e-6)
+
+
+def _is_png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_every_figure_renders(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, 200)
+    masks = {m: rng.random(200) > 0.5 for m in ("PGD-AT", "TRADES", "MART", "Consistency-AT")}
+    paths = [
+        analysis.plot_always_failed_overlap(analysis.always_failed_overlap(masks, labels, 10), tmp_path / "f2.png"),
+        analysis.plot_transfer_matrix(analysis.transfer_matrix(
+            masks, {(a, b): masks[b] for a in masks for b in masks if a != b}), tmp_path / "f3.png"),
+        analysis.toy_case_plot({"toy": {"clean": 0.9, "PGD-10": 0.8}, "DUCAT": {"clean": 0.9, "PGD-10": 0.6}},
+                               tmp_path / "f4.png"),
+        analysis.tradeoff_scatter([{"name": "x", "clean": 0.85, "robust": 0.6, "group": "paper"},
+                                   {"name": "x", "clean": 0.85, "robust": 0.3, "group": "adaptive"}], tmp_path / "f5.png"),
+        analysis.training_time_bars({"PGD-AT": {"base": 10.0, "ducat": 11.5}}, tmp_path / "f6.png"),
+        analysis.ablation_plot("beta1", [0.5, 0.75, 1.0], [0.8, 0.85, 0.86], [0.5, 0.6, 0.7], [0.4, 0.35, 0.3],
+                               tmp_path / "f7.png"),
+        analysis.plot_confusion(analysis.confusion_under_attack(labels, rng.integers(0, 20, 200), 10,
+                                                                np.arange(10, 20)), tmp_path / "f8.png"),
+        analysis.tsne_panels({"m": (rng.normal(size=(60, 8)), labels[:60], np.arange(60) >= 30, True)},
+                             tmp_path / "f10.png"),
+    ]
+    assert all(_is_png(p) for p in paths)
