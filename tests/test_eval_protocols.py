@@ -164,7 +164,7 @@ def test_interrupted_eval_resumes_with_the_same_report(ducat_run, tmp_path, monk
     (["eval", "/no/such/run"], "does not exist"),
     (["eval", "RUN", "--attacks", "pgd10,deepfool"], "unknown attack 'deepfool'"),
     (["eval", "RUN", "--eps", "0"], "eps must be > 0"),
-    (["eval", "RUN", "--eps", "-8/255"], "eps must be > 0"),
+    (["eval", "RUN", "--eps=-8/255"], "eps must be > 0"),
     (["eval", "RUN", "--eps", "abc"], "--eps must be a number"),
     (["eval", "RUN", "--model", "resnet18", "--dataset", "digits", "--eps", "0.1"], "does not fit the model"),
     (["eval", "RUN", "--dataset", "mnist-9000", "--model", "mlp"], "unknown dataset"),
