@@ -243,8 +243,11 @@ class _Evaluator:
             return attack(x, y)
         return craft
 
-    def targeted_random(self, dummy: bool, offset: int):
-        """Targeted PGD-10 (CE on raw logits) toward a random other class, or its dummy class."""
+    def targeted_random(self, dummy: bool, offset: int, projected: bool = False):
+        """Targeted PGD-10 (CE) toward a random other class, or its dummy class.
+
+        On the raw logits (the paper's protocol) or, with ``projected``, on the deployed classifier.
+        """
         c = self.model.num_classes if self.is_dummy else int(self.view(self.x[:1]).shape[1])
 
         def craft(x, y, idx):
@@ -253,7 +256,7 @@ class _Evaluator:
             target = target.to(y.device)
             if dummy:
                 target = self.model.dummy_index[target]
-            attack = PGD(self.model, self.s.eps, self.s.step, 10, targeted=True,
+            attack = PGD(self.view if projected else self.model, self.s.eps, self.s.step, 10, targeted=True,
                          generator=self._seeded(offset + int(idx[0])))
             return attack(x, y, target)
         return craft
@@ -414,9 +417,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalS
         if "autoattack" in attacks:
             aa_logs["adaptive"] = []
             both("AutoAttack", ev.run("adaptive-autoattack", ev.autoattack(adaptive_view, aa_logs["adaptive"]), clean))
-        if not is_dummy and "targeted" in attacks:
+        if "targeted" in attacks:
             both("targeted PGD-10 (original classes)", ev.run("adaptive-targeted-original",
-                                                              ev.targeted_random(False, 13), clean))
+                                                              ev.targeted_random(False, 13, projected=True), clean))
         survivors = lambda: worst.copy() if settings.early_stop else clean.copy()  # noqa: E731
         note = "cumulative: run on survivors of the attacks above" if settings.early_stop else ""
         if is_dummy and "logsumexp" in attacks:
@@ -478,8 +481,7 @@ def _count_stages(settings: EvalSettings, is_dummy: bool) -> int:
     if paper:
         stages += has("pgd10") + has("pgd100") + has("autoattack") + 3 * has("targeted")
     if adaptive:
-        stages += has("pgd10") + has("pgd100") + has("autoattack") + has("margin") + has("targeted")
-        stages += (not is_dummy) * has("targeted")
+        stages += has("pgd10") + has("pgd100") + has("autoattack") + has("margin") + 2 * has("targeted")
         stages += is_dummy * has("logsumexp") * (1 + has("autoattack"))
     stages += (len(SWEEP_FACTORS) - 1) * (2 if is_dummy else 1) * has("eps-sweep")
     return stages
