@@ -1,7 +1,6 @@
-"""``ducat reproduce``: the grid plan, its input checks, and (slow) a tiny grid end to end."""
+"""``ducat reproduce``: the grid plan, its input checks, and (slow) the smoke grid end to end."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -50,21 +49,12 @@ def test_reproduce_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, caps
     assert not (tmp_path / "out" / "runs").exists()  # no compute, nothing written
 
 
-TINY = dataclasses.replace(
-    rp.SCALES["smoke"], name="tiny", epochs=3, milestones=(2,), start_epoch=3, eval_examples=24,
-    overrides=("data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
-               "validation.n_examples=40", "optim.lr=0.05"),
-    ablations={"start_epoch": (2,), "beta1": (1.0,), "beta2": (0.5,), "alpha": (0.3,)},
-    n_targets=2, margin_restarts=1, tsne_examples=40, transfer_examples=40)
-
-
 @pytest.mark.slow
-def test_tiny_grid_end_to_end_then_rerun_skips_training(tmp_path, monkeypatch):
-    monkeypatch.setitem(rp.SCALES, "tiny", TINY)
+def test_smoke_grid_end_to_end_then_rerun_skips_training(tmp_path):
     out = tmp_path / "grid"
     lines: list[str] = []
-    report = rp.reproduce("tiny", out, log=lines.append).read_text()
-    runs = rp.plan(TINY)
+    report = rp.reproduce("smoke", out, log=lines.append).read_text()
+    runs = rp.plan(rp.SCALES["smoke"])
     assert sum("training" in line for line in lines) == len(runs)
 
     # every section and figure of the paper is there, and every figure is a real PNG
@@ -93,7 +83,7 @@ def test_tiny_grid_end_to_end_then_rerun_skips_training(tmp_path, monkeypatch):
 
     # a rerun trains nothing and rewrites the same tables from the cached evaluations
     lines.clear()
-    again = rp.reproduce("tiny", out, log=lines.append).read_text()
+    again = rp.reproduce("smoke", out, log=lines.append).read_text()
     assert sum("finished, skipped" in line for line in lines) == len(runs)
     assert not any(line.endswith(": training") for line in lines)
     strip = lambda text: text.split("## Training time")[0]  # noqa: E731
