@@ -6,6 +6,13 @@ refused before it runs). The config travels as JSON text. Writes go to a tempora
 same directory, are fsynced, then renamed over the target, so a crash leaves either the old or
 the new file, never a torn one; the previous checkpoint is kept as ``prev.pt``. A SHA-256 of the
 bytes is stored in a sidecar ``<name>.sha256`` and checked on load.
+
+Test hook: with ``DUCAT_TEST_CRASH_AT=<point>:<file name>[@<n>]`` in the environment the process
+SIGKILLs itself the n-th time (default 1st) a write reaches that point, e.g.
+``temp-written:last.pt@2`` (the temporary copy of the 2nd ``last.pt`` is complete and fsynced, not
+yet renamed) or ``replaced:last.pt.sha256`` (the new checksum is in place, the data not yet). Points:
+``temp-written`` and ``replaced`` in every atomic write. Unset (always, outside tests), it costs one
+environment lookup per write. Used by ``tests/test_reliability.py`` and ``benchmarks/crash_resume.py``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import io
 import json
 import os
 import pickle
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,8 @@ import torch
 from torch import nn
 
 FORMAT_VERSION = 1
+CRASH_ENV = "DUCAT_TEST_CRASH_AT"
+_crash_hits: dict[str, int] = {}
 
 
 class CheckpointError(ValueError):
@@ -39,6 +49,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def crash_point(point: str, name: str) -> None:
+    """Test hook (see the module docstring): SIGKILL this process here if ``DUCAT_TEST_CRASH_AT`` says so."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec:
+        return
+    label = f"{point}:{name}"
+    wanted, _, nth = spec.partition("@")
+    if wanted != label:
+        return
+    _crash_hits[label] = _crash_hits.get(label, 0) + 1
+    if _crash_hits[label] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash leaves either the old or the new content."""
     path = Path(path)
@@ -48,10 +72,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("temp-written", path.name)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    crash_point("replaced", path.name)
     _fsync_dir(path.parent)
 
 
@@ -73,8 +99,22 @@ def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = Tru
         os.replace(tmp_link, previous)
     # The sidecar names the digest of the new file; write it first so that after a crash between
     # the two renames the pair disagrees and load_checkpoint reports it instead of trusting it.
-    atomic_write_bytes(path.with_name(path.name + ".sha256"), digest.encode())
-    atomic_write_bytes(path, data)
+    sidecar = path.with_name(path.name + ".sha256")
+    old_digest = _read_sidecar(path) if path.exists() else ""
+    atomic_write_bytes(sidecar, digest.encode())
+    try:
+        atomic_write_bytes(path, data)
+    except OSError:
+        # The data write failed (disk full, ...) and the old file is still in place: give it back its
+        # own checksum so that it stays loadable. Best effort: the fallback to prev.pt covers a failure.
+        try:
+            if old_digest:
+                atomic_write_bytes(sidecar, old_digest.encode())
+            else:
+                sidecar.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise
     return digest
 
 

@@ -261,45 +261,43 @@ class _Evaluator:
             return attack(x, y, target)
         return craft
 
+    def _first_success(self, x, y, runs: int, run_attack):
+        """Run ``run_attack(i, sub)`` for i < runs on the examples not yet fooled; keep each one's first success."""
+        best = x.clone()
+        alive = torch.ones(len(y), dtype=torch.bool, device=x.device)
+        for i in range(runs):
+            sub = alive.nonzero().squeeze(1)
+            if len(sub) == 0:
+                break
+            x_adv = run_attack(i, sub)
+            with torch.no_grad():
+                fooled = self.view(x_adv).argmax(1) != y[sub]
+            best[sub[fooled]] = x_adv[fooled]
+            alive[sub[fooled]] = False
+        return best
+
     def targeted_top(self, offset: int):
         """Targeted PGD-100 margin toward each of the top merged classes (projected classifier)."""
         def craft(x, y, idx):
             with torch.no_grad():
                 scores = self.view(x).scatter(1, y[:, None], float("-inf"))
             k = min(self.s.n_targets, scores.shape[1] - 1)
-            best = x.clone()
-            alive = torch.ones(len(y), dtype=torch.bool, device=x.device)
-            for rank in range(k):
-                target = scores.topk(k, dim=1).indices[:, rank]
-                sub = alive.nonzero().squeeze(1)
-                if len(sub) == 0:
-                    break
+            targets = scores.topk(k, dim=1).indices
+
+            def run_attack(rank, sub):
                 attack = PGD(self.view, self.s.eps, self.s.step, 100, loss="margin", targeted=True,
                              generator=self._seeded(offset + rank * 7919 + int(idx[0])))
-                x_adv = attack(x[sub], y[sub], target[sub])
-                with torch.no_grad():
-                    fooled = self.view(x_adv).argmax(1) != y[sub]
-                best[sub[fooled]] = x_adv[fooled]
-                alive[sub[fooled]] = False
-            return best
+                return attack(x[sub], y[sub], targets[sub, rank])
+            return self._first_success(x, y, k, run_attack)
         return craft
 
     def margin_restarts(self, offset: int):
         def craft(x, y, idx):
-            best = x.clone()
-            alive = torch.ones(len(y), dtype=torch.bool, device=x.device)
-            for restart in range(self.s.margin_restarts):
-                sub = alive.nonzero().squeeze(1)
-                if len(sub) == 0:
-                    break
+            def run_attack(restart, sub):
                 attack = PGD(self.view, self.s.eps, self.s.step, 100, loss="margin",
                              generator=self._seeded(offset + restart * 104729 + int(idx[0])))
-                x_adv = attack(x[sub], y[sub])
-                with torch.no_grad():
-                    fooled = self.view(x_adv).argmax(1) != y[sub]
-                best[sub[fooled]] = x_adv[fooled]
-                alive[sub[fooled]] = False
-            return best
+                return attack(x[sub], y[sub])
+            return self._first_success(x, y, self.s.margin_restarts, run_attack)
         return craft
 
     def autoattack(self, target: nn.Module, log: list[str]):

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ducat.attacks import PGD
-from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ducat.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
 from ducat.data import TensorData, TensorLoader, dataset_info, load_split, random_crop_flip, split_train_val
 from ducat.distributed import DistContext, context_from_env
@@ -142,6 +142,7 @@ class Trainer:
         self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
         self.start_epoch = config.finetune.start_epoch if config.finetune.checkpoint else 1
         self.best_metric, self.best_epoch = -math.inf, 0
+        self.saved: tuple[Path, int] | None = None  # the last good checkpoint of this run and its epoch
         if resume:
             self._restore()
         if config.run.compile:
@@ -202,8 +203,13 @@ class Trainer:
             previous = self.run_dir / "prev.pt"
             if not previous.is_file():
                 raise
+            try:
+                state = load_checkpoint(previous)
+            except CheckpointError as prev_exc:
+                raise CheckpointError(f"cannot resume '{self.run_dir}': {exc}; and the previous checkpoint is "
+                                      f"unusable too ({prev_exc})") from None
             self.log(f"warning: {exc}; resuming from the previous checkpoint {previous} instead")
-            state = load_checkpoint(previous)
+            path = previous
         saved = config_from_dict(json.loads(state["config"]))
         if saved.to_dict() | {"run": None} != self.config.to_dict() | {"run": None}:
             raise RunError(f"the config differs from the one saved in '{self.run_dir}'; resume with the saved "
@@ -213,6 +219,7 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["generator"].to("cpu"))
         self.start_epoch = state["epoch"] + 1
+        self.saved = (path, state["epoch"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self._truncate_metrics(state["epoch"])
         self.log(f"resuming {self.run_dir} after epoch {state['epoch']}")
@@ -222,7 +229,8 @@ class Trainer:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [line for line in path.read_text().splitlines() if line.strip()]
+        text = path.read_text()
+        rows = [line for line in text.splitlines() if line.strip()]
         keep = []
         for line in rows:
             try:
@@ -230,7 +238,9 @@ class Trainer:
                     keep.append(line)
             except (json.JSONDecodeError, KeyError):
                 break  # a torn last line
-        path.write_text("".join(line + "\n" for line in keep))
+        kept = "".join(line + "\n" for line in keep)
+        if kept != text:  # atomic: a crash here must not lose the rows being kept
+            atomic_write_bytes(path, kept.encode())
 
     # ---- training ----------------------------------------------------------------------------
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +270,7 @@ class Trainer:
             out.loss.backward()
             if step % check_every == 0 and not torch.isfinite(out.loss):
                 raise RunError(f"non-finite loss ({out.loss.item()}) at epoch {epoch}, step {step}; "
-                               f"the last good checkpoint is {self.run_dir / 'last.pt'}")
+                               + self._last_good())
             self.optimizer.step()
             with torch.no_grad():
                 totals[0] += out.loss.detach().float() * len(y)
@@ -275,10 +285,15 @@ class Trainer:
         totals = self.dist.all_reduce_sum(torch.cat([totals, torch.tensor([seen], device=self.device)]))
         loss, adv, clean, clean_n, seen = totals.tolist()
         if not math.isfinite(loss):
-            raise RunError(f"non-finite loss in epoch {epoch}; the last good checkpoint is {self.run_dir / 'last.pt'}")
+            raise RunError(f"non-finite loss in epoch {epoch}; " + self._last_good())
         return {"train_loss": loss / seen, "train_adv_acc": adv / seen,
                 "train_clean_acc": clean / clean_n if clean_n else float("nan"),
                 "world_size": self.dist.world_size, "rank0_images": local_seen}
+
+    def _last_good(self) -> str:
+        if self.saved is None:
+            return f"no checkpoint of this run was written yet ('{self.run_dir / 'last.pt'}' does not exist)"
+        return f"the last good checkpoint is {self.saved[0]} (epoch {self.saved[1]}), unchanged"
 
     def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
         return {
@@ -297,7 +312,7 @@ class Trainer:
         main = self.dist.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(describe(c))
+            atomic_write_bytes(self.run_dir / "config.yaml", describe(c).encode())
         writer = self._tensorboard() if main else None
         eval_split = self.val_data if len(self.val_data) else self.test_data
         selection_split = self.test_data if c.validation.select == "test" else eval_split
@@ -335,13 +350,10 @@ class Trainer:
                 last = row
                 if not main:
                     continue
-                state = self._checkpoint_state(epoch)
-                if improved:
-                    save_checkpoint(state, self.run_dir / "best.pt", keep_previous=False)
-                save_checkpoint(state, self.run_dir / "last.pt")
-                if epoch in c.run.save_epochs:
-                    save_checkpoint(state, self.run_dir / f"epoch_{epoch}.pt", keep_previous=False)
+                # The metrics row goes first: a crash before the checkpoint below re-runs this epoch on
+                # resume (rows past the checkpoint are dropped), never a checkpoint without its row.
                 self._append_metrics(row)
+                self._save_checkpoints(epoch, improved)
                 if writer is not None:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
@@ -364,6 +376,21 @@ class Trainer:
             return RunResult(self.run_dir, c.optim.epochs, self.best_epoch, last, last, wall_time)
         return self._finish(last, wall_time)
 
+    def _save_checkpoints(self, epoch: int, improved: bool) -> None:
+        state = self._checkpoint_state(epoch)
+        targets = [("best.pt", False)] if improved else []
+        targets.append(("last.pt", True))
+        if epoch in self.config.run.save_epochs:
+            targets.append((f"epoch_{epoch}.pt", False))
+        for name, keep_previous in targets:
+            try:
+                save_checkpoint(state, self.run_dir / name, keep_previous=keep_previous)
+            except OSError as exc:  # disk full, quota, permissions: say so in one line, keep the old file
+                raise RunError(f"cannot write checkpoint {self.run_dir / name} at epoch {epoch} "
+                               f"({exc.strerror or exc}); {self._last_good()}") from None
+            if name == "last.pt":
+                self.saved = (self.run_dir / name, epoch)
+
     def _finish(self, last: dict[str, Any], wall_time: float) -> RunResult:
         rows = [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines() if line]
         best = next((r for r in rows if r["epoch"] == self.best_epoch), rows[-1])
@@ -376,7 +403,7 @@ class Trainer:
         summary = {"run_dir": str(self.run_dir), "epochs": self.config.optim.epochs, "best_epoch": self.best_epoch,
                    "selected_on": self.config.validation.select, "best": best, "last": last,
                    "wall_time_s": wall_time}
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return RunResult(self.run_dir, self.config.optim.epochs, self.best_epoch, best, last, wall_time)
 
     def _append_metrics(self, row: dict[str, Any]) -> None:
