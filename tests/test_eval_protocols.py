@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from torch import nn
@@ -158,6 +160,37 @@ def test_interrupted_eval_resumes_with_the_same_report(ducat_run, tmp_path, monk
     for report in (a, b):
         report.pop("wall_time_s")
     assert a == b
+
+
+def test_cache_is_not_reused_for_examples_it_never_attacked(tmp_path):
+    """An attack run after more earlier attacks attacks fewer examples; its cached result must not
+    stand in when the same attack now has more examples to attack (they are not 'broken')."""
+    from ducat.evaluate import _Cache, _Evaluator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.rand(10, 1, 2, 2)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every example correct: an identity "attack" leaves all robust
+    settings = EvalSettings(eps=0.1, attacks=("pgd10",))
+    unchanged = lambda x, y, idx: x.clone()  # noqa: E731
+    first_half = np.arange(10) < 5
+    first = _Evaluator(model, x, y, settings, _Cache(tmp_path, "f" * 64), lambda s: None)
+    assert first.run("margin", unchanged, first_half)["robust"].tolist() == first_half.tolist()
+    later = _Evaluator(model, x, y, settings, _Cache(tmp_path, "f" * 64), lambda s: None)
+    assert later.run("margin", unchanged, np.ones(10, dtype=bool))["robust"].all()
+    assert later.run("margin", unchanged, np.arange(10) < 3)["robust"].tolist() == (np.arange(10) < 3).tolist()
+
+
+def test_cache_depends_on_the_batch_size(tmp_path):  # random starts are drawn per batch
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
+    x, y = torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,))
+    for batch_size in (256, 3):
+        evaluate(model, x, y, EvalSettings(eps=0.1, attacks=("pgd10",), batch_size=batch_size),
+                 cache_dir=str(tmp_path), progress=False)
+    assert len(list(tmp_path.glob("*pgd10*.npz"))) == 2
 
 
 @pytest.mark.parametrize("args, needle", [

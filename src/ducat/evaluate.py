@@ -211,9 +211,12 @@ class _Evaluator:
         """Attack the examples where ``on`` is True (batched); robust mask of all N examples
         (False where ``on`` is False), projected and raw predictions on the adversarial inputs."""
         cached = self.cache.get(key)
-        if cached is not None:
+        # a cached attack counts only if it attacked every example asked for now (an attack run after
+        # fewer earlier attacks has more examples to attack than the same attack run after more)
+        if cached is not None and "attacked" in cached and not (on & ~cached["attacked"]).any():
             self.progress(f"{key} (cached)")
-            return cached
+            return {"robust": cached["robust"] & on, "raw": np.where(on, cached["raw"], -1),
+                    "projected": np.where(on, cached["projected"], -1)}
         self.progress(key)
         n = len(self.y)
         robust = np.zeros(n, dtype=bool)
@@ -230,7 +233,7 @@ class _Evaluator:
             raw[idx.cpu().numpy()] = z.cpu().numpy()
             projected[idx.cpu().numpy()] = proj.cpu().numpy()
         result = {"robust": robust, "raw": raw, "projected": projected}
-        self.cache.put(key, result)
+        self.cache.put(key, {**result, "attacked": np.asarray(on, dtype=bool)})
         return result
 
     # attack constructors: each returns craft(x, y, idx) -> x_adv
@@ -354,9 +357,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalS
             bar.set_description(name)
             bar.update(1)
 
-    cache = _Cache(cache_dir, hashlib.sha256(
+    # random starts are drawn per batch, so the batch size is part of what a cached result means
+    cache = _Cache(None if cache_dir is None else Path(cache_dir), hashlib.sha256(
         (model_fingerprint(model) + json.dumps([settings.eps, settings.seed, len(y), settings.step,
-                                                settings.margin_restarts, settings.n_targets])).encode()).hexdigest())
+                                                settings.margin_restarts, settings.n_targets,
+                                                settings.batch_size])).encode()).hexdigest())
     ev = _Evaluator(model, x, y, settings, cache, step)
     is_dummy, attacks = ev.is_dummy, settings.attacks
     projected, raw = _predict(model, x, settings.batch_size)
