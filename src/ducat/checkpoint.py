@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import signal
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +145,12 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' is corrupted (SHA-256 differs from {path.name}.sha256)"
                               + _last_good_hint(path))
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr about some pickles it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
         raise CheckpointError(f"checkpoint '{path}' was refused: it holds objects other than tensors and "
-                              f"plain data, which could run code ({first[:160]})") from None
+                              f"plain data, which could run code ({_unpickler_reason(exc)})") from None
     except Exception as exc:
         raise CheckpointError(f"checkpoint '{path}' cannot be read ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:160] if str(exc) else 'truncated?'})"
@@ -163,6 +165,14 @@ def load_checkpoint(path: str | Path, verify: bool = True) -> dict[str, Any]:
                 return {**state, "model": state[key]}
         raise CheckpointError(f"checkpoint '{path}' has no model weights (no 'model' or 'state_dict' key)")
     return state
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    """The informative line of torch's weights-only refusal (it is wrapped in boilerplate)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    return (useful or lines or ["unsafe content"])[0][:200]
 
 
 def _last_good_hint(path: Path) -> str:

@@ -25,6 +25,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + exits 2; keep it to one line
         raise UsageError(message)
 
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:  # Python 3.11 reads '--opt=--' as an empty list, unconverted
+            value = getattr(namespace, action.dest, None)
+            if action.nargs is None and action.option_strings and isinstance(value, list):
+                self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return namespace, extras
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from ducat.train import train
@@ -54,7 +62,14 @@ def _saved_config(run_dir: Path, overrides: list[str]):
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"nothing to resume: '{run_dir}' has no config.yaml")
-    config = config_from_dict(yaml.safe_load(path.read_text()))
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise ConfigError(f"cannot read the saved config '{path}' ({type(exc).__name__}: {first})") from None
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"the saved config '{path}' is not a mapping of config sections")
+    config = config_from_dict(mapping)
     from ducat.config import _apply, parse_override, validate
 
     for text in overrides:
@@ -74,8 +89,21 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_reproduce(args: argparse.Namespace) -> int:
     from ducat.reproduce import reproduce
 
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    _check_output_dir(Path(args.out), "--out")
+
     reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, nproc=args.nproc)
     return 0
+
+
+def _check_output_dir(path: Path, option: str) -> None:
+    """An output directory must be a directory or creatable as one (checked before any compute)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option} '{path}': '{parent}' exists and is not a directory")
+            return
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -87,7 +115,27 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from ducat.evaluate import run_cli
 
+    _check_eval_args(args)
     return run_cli(args)
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    """Values ``ducat eval`` would otherwise only trip over once the attacks run."""
+    import math
+    import re
+
+    from ducat.config import _parse_fraction
+
+    if args.eps is not None and not math.isfinite(_parse_fraction(args.eps, "--eps")):
+        raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not -2**63 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.out:
+        _check_output_dir(Path(args.out), "--out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,12 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def _one_line(message: object) -> str:
+    """The message with line breaks escaped (they come from user text: paths, names, values)."""
+    return str(message).translate(_LINE_BREAKS)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except (UsageError, *USER_ERRORS) as exc:
-        print(f"ducat: error: {exc}", file=sys.stderr)
+        print(f"ducat: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ducat: interrupted", file=sys.stderr)
@@ -143,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         from ducat.train import RunError
 
         if isinstance(exc, RunError):
-            print(f"ducat: error: {exc}", file=sys.stderr)
+            print(f"ducat: error: {_one_line(exc)}", file=sys.stderr)
             return 2
         raise
 

@@ -8,6 +8,8 @@ Epochs are counted from 1, as in the paper's released code.
 from __future__ import annotations
 
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -189,8 +191,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if tp is int:  # (a non-finite float has no int value: int(nan) and int(inf) raise)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or int(value) != value):
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -255,7 +258,11 @@ def _resolve_file(name_or_path: str, relative_to: Path | None = None) -> tuple[s
         candidates.insert(0, relative_to / name_or_path)
     for path in candidates:
         if path.is_file():
-            return path.read_text(), str(path)
+            try:
+                return path.read_text(), str(path)
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"cannot read config file '{path}' ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else 'unreadable'})") from None
     stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
     preset = resources.files(PRESET_PACKAGE) / f"{Path(stem).name}.yaml"
     if preset.is_file():
@@ -366,10 +373,17 @@ def validate(config: TrainConfig) -> None:
     _check(v.batch_size >= 1, f"validation.batch_size must be >= 1, got {v.batch_size}")
     _check(r.amp in ("auto", "off", "bf16"), f"run.amp must be auto, off or bf16, got '{r.amp}'")
     _check(r.channels_last in ("auto", "on", "off"), f"run.channels_last must be auto, on or off, got '{r.channels_last}'")
-    _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device) is not None,
            f"run.device must be auto, cpu, cuda or cuda:N, got '{r.device}'")
     _check(r.threads is None or r.threads >= 1, f"run.threads must be >= 1, got {r.threads}")
     _check(all(1 <= e <= o.epochs for e in r.save_epochs), f"run.save_epochs must be in [1, {o.epochs}], got {r.save_epochs}")
+    for name, seed in (("run.seed", r.seed), ("ducat.pairing_seed", u.pairing_seed)):
+        _check(seed is None or -2**63 <= seed < 2**63, f"{name} must be in [-2**63, 2**63), got {seed}")
+    mt = config.method
+    _check(mt.consistency_temperature > 0,
+           f"method.consistency_temperature must be > 0, got {mt.consistency_temperature}")
+    for name in ("trades_beta", "mart_beta", "consistency_lambda"):
+        _check(getattr(mt, name) >= 0, f"method.{name} must be >= 0, got {getattr(mt, name)}")
     _check(1 <= f.start_epoch <= o.epochs, f"finetune.start_epoch must be in [1, {o.epochs}], got {f.start_epoch}")
     if f.checkpoint is not None:
         _check(Path(f.checkpoint).is_file(), f"finetune.checkpoint '{f.checkpoint}' does not exist")

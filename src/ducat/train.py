@@ -119,8 +119,11 @@ class Trainer:
         self.config, self.resume, self.log = config, resume, log
         self.run_dir = Path(config.run.out)
         self._check_run_dir()
+        try:
+            self.device = select_device(config.run.device)  # a CUDA device on a machine without one
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
         self.dist = context_from_env(config.run.device)
-        self.device = select_device(config.run.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
         if config.run.threads:
@@ -313,6 +316,8 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(self.run_dir / "config.yaml", describe(c).encode())
+            if not self.resume:  # rows of an earlier attempt that crashed before its first checkpoint
+                self._truncate_metrics(self.start_epoch - 1)
         writer = self._tensorboard() if main else None
         eval_split = self.val_data if len(self.val_data) else self.test_data
         selection_split = self.test_data if c.validation.select == "test" else eval_split

@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Crash consistency of ``ducat train``: SIGKILL tiny runs, resume them, compare with an unkilled run.
+
+One uninterrupted reference run, then ``--kills N`` kills, each followed by what a user would do:
+``ducat train --resume RUN_DIR`` when the directory holds a checkpoint (``last.pt`` or ``prev.pt``),
+the original command otherwise (nothing was saved yet), repeated until the command exits 0. A run is
+*lost* when that fails (a resume that exits non-zero) or when the finished run differs from the
+reference: ``last.pt`` and ``best.pt`` weights compared bit for bit, and every ``metrics.jsonl``
+row without its timing fields compared exactly.
+
+Kill points. The first kills use the test hook of ``ducat.checkpoint`` (``DUCAT_TEST_CRASH_AT``):
+the process SIGKILLs itself at one exact step of a checkpoint write -- a temporary file complete
+but not renamed, a checksum renamed but not its data, ``prev.pt``'s checksum renamed but not the
+file, a checkpoint in place but the epoch's metrics not yet written, the final checkpoint in place
+but the run not finished. The remaining kills are SIGKILLs sent by this script at a uniformly random
+moment of the training phase (from the run writing ``config.yaml`` to the reference's run length),
+two per run: the first launch is killed, then its first resume, then the run is resumed to the end.
+
+The run: preset ``cpu-digits-small_cnn-pgd_at-ducat`` (small CNN, 8x8 digits), 200 training images,
+4 epochs, DUCAT from epoch 2, deterministic CPU, 1 thread. ~10 s per kill on 2 cores (process
+start-up dominates).
+
+    python benchmarks/crash_resume.py --kills 10
+    python benchmarks/crash_resume.py --kills 30 --seed 1 --keep /tmp/crash   # keep the run dirs
+
+Prints one line per kill, then kills survived, runs lost and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PRESET = "cpu-digits-small_cnn-pgd_at-ducat"
+EPOCHS = 4
+OVERRIDES = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
+             "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true",
+             "run.threads=1", "run.device=cpu", f"optim.epochs={EPOCHS}", "optim.milestones=[3]",
+             "ducat.start_epoch=2"]
+TIMING_KEYS = ("epoch_time_s", "train_images_per_s")
+
+# Exact kill points (DUCAT_TEST_CRASH_AT values) and what they leave on disk.
+HOOK_POINTS = [
+    ("replaced:last.pt.sha256@2", "new checksum of last.pt in place, its data not: last.pt fails its check"),
+    ("replaced:last.pt@2", "epoch-2 checkpoint in place, epoch 2 not yet in metrics.jsonl"),
+    ("replaced:last.pt@4", "final checkpoint in place, run not finished (no summary.json)"),
+    ("temp-written:last.pt@1", "first last.pt complete as a temp file, not renamed: nothing saved yet"),
+    ("temp-written:last.pt@3", "epoch-3 temp file complete, not renamed"),
+    ("replaced:prev.pt.sha256@2", "prev.pt's new checksum in place, prev.pt not yet relinked"),
+    ("replaced:best.pt.sha256@2", "new checksum of best.pt in place, its data not"),
+    ("temp-written:summary.json@1", "run finishing: summary.json written as a temp file, not renamed"),
+]
+
+
+def train_command(run_dir: Path, resume: bool) -> list[str]:
+    if resume:
+        return [sys.executable, "-m", "ducat", "train", "--resume", str(run_dir)]
+    return [sys.executable, "-m", "ducat", "train", PRESET, f"run.out={run_dir}", *OVERRIDES]
+
+
+def _env(crash_at: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "DUCAT_TEST_CRASH_AT"}
+    env["PYTHONUNBUFFERED"] = "1"
+    if crash_at:
+        env["DUCAT_TEST_CRASH_AT"] = crash_at
+    return env
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    return (run_dir / "last.pt").is_file() or (run_dir / "prev.pt").is_file()
+
+
+def next_command(run_dir: Path) -> list[str]:
+    """What a user runs after a crash: resume if anything was saved, else start again."""
+    return train_command(run_dir, resume=has_checkpoint(run_dir))
+
+
+def run(command: list[str], crash_at: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command, env=_env(crash_at), capture_output=True, text=True, timeout=timeout)
+
+
+def _config_stamp(run_dir: Path):
+    try:
+        st = (run_dir / "config.yaml").stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def run_and_kill_at_random(command: list[str], run_dir: Path, delay: float, timeout: float = 300) -> bool:
+    """Start ``command``, wait until it starts training (it (re)writes config.yaml), sleep ``delay`` s,
+    SIGKILL it. True if the kill landed (the process was still running)."""
+    before = _config_stamp(run_dir)
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while _config_stamp(run_dir) == before and proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(" ".join(command))
+            time.sleep(0.002)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def resume_until_done(run_dir: Path, max_attempts: int = 3) -> tuple[bool, str]:
+    """Resume (or restart when nothing was saved) until the command exits 0; (ok, last stderr)."""
+    err = ""
+    for _ in range(max_attempts):
+        done = run(next_command(run_dir))
+        if done.returncode == 0:
+            return True, ""
+        err = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+    return False, err
+
+
+def _model(path: Path):
+    from ducat.checkpoint import load_checkpoint
+
+    return load_checkpoint(path)["model"]
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def compare_runs(reference: Path, run_dir: Path) -> list[str]:
+    """Differences between a finished run and the reference ([] = identical)."""
+    import torch
+
+    problems = []
+    for name in ("last.pt", "best.pt"):
+        if not (run_dir / name).is_file():
+            problems.append(f"{name} missing")
+            continue
+        a, b = _model(reference / name), _model(run_dir / name)
+        if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+            problems.append(f"{name} weights differ")
+    if not (run_dir / "metrics.jsonl").is_file():
+        problems.append("metrics.jsonl missing")
+    else:
+        ref_rows, rows = metric_rows(reference), metric_rows(run_dir)
+        if [r["epoch"] for r in rows] != [r["epoch"] for r in ref_rows]:
+            problems.append(f"metrics.jsonl epochs {[r['epoch'] for r in rows]}")
+        elif rows != ref_rows:
+            problems.append("metrics.jsonl values differ")
+    summary = run_dir / "summary.json"
+    if not summary.is_file():
+        problems.append("summary.json missing")
+    else:
+        got, want = json.loads(summary.read_text()), json.loads((reference / "summary.json").read_text())
+        if got["best_epoch"] != want["best_epoch"] or got["best"]["epoch"] != want["best"]["epoch"]:
+            problems.append(f"summary.json best epoch {got['best_epoch']}/{got['best']['epoch']}")
+    return problems
+
+
+def reference_run(run_dir: Path) -> float:
+    """The uninterrupted run; returns the length of its training phase in seconds."""
+    proc = subprocess.Popen(train_command(run_dir, resume=False), env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while _config_stamp(run_dir) is None and proc.poll() is None:
+        time.sleep(0.002)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference run failed: {err.strip()[-500:]}")
+    return time.monotonic() - started
+
+
+@dataclass
+class Trial:
+    kind: str
+    kills: int = 0
+    survived: int = 0
+    lost: bool = False
+    problems: list[str] = field(default_factory=list)
+
+
+def hook_trial(point: str, reference: Path, run_dir: Path) -> Trial:
+    trial = Trial(point)
+    killed = run(train_command(run_dir, resume=False), crash_at=point)
+    if killed.returncode != -signal.SIGKILL:
+        trial.problems.append(f"hook not reached (exit {killed.returncode})")
+        trial.lost = killed.returncode != 0
+        return trial
+    trial.kills = 1
+    ok, err = resume_until_done(run_dir)
+    trial.problems = [f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir)
+    trial.lost = bool(trial.problems)
+    trial.survived = 0 if trial.lost else 1
+    return trial
+
+
+def random_trial(reference: Path, run_dir: Path, window: float, kills: int, rng: random.Random) -> Trial:
+    trial = Trial("random")
+    delays = []
+    for _ in range(kills):
+        delay = rng.uniform(0, window)
+        if run_and_kill_at_random(next_command(run_dir), run_dir, delay):
+            trial.kills += 1
+            delays.append(f"{delay:.2f}s")
+        else:
+            break  # that launch finished before the kill: the run is complete
+    trial.kind = f"random kills at {', '.join(delays) or '-'} after start of training"
+    ok, err = resume_until_done(run_dir)
+    trial.problems = [f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir)
+    trial.lost = bool(trial.problems)
+    trial.survived = 0 if trial.lost else trial.kills
+    return trial
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=10, help="number of SIGKILLs (default 10)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
+    parser.add_argument("--hooks-only", action="store_true", help="only the exact kill points")
+    parser.add_argument("--keep", help="keep the run directories here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.kills < 1:
+        parser.error("--kills must be >= 1")
+    rng = random.Random(args.seed)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ducat-crash-"))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    reference = root / "reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    window = reference_run(reference)
+    print(f"reference run: training phase {window:.2f}s ({EPOCHS} epochs)")
+    trials: list[Trial] = []
+    kills_done, index = 0, 0
+    while kills_done < args.kills:
+        run_dir = root / f"run{index:03d}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if index < len(HOOK_POINTS) or args.hooks_only:
+            trial = hook_trial(HOOK_POINTS[index % len(HOOK_POINTS)][0], reference, run_dir)
+        else:
+            trial = random_trial(reference, run_dir, window, min(2, args.kills - kills_done), rng)
+        trials.append(trial)
+        kills_done += trial.kills
+        index += 1
+        status = "LOST: " + "; ".join(trial.problems) if trial.lost else (
+            "ok" if not trial.problems else "; ".join(trial.problems))
+        print(f"run {index:3d}: {trial.kills} kill(s) [{trial.kind}] -> {status}", flush=True)
+        if index > 4 * args.kills + len(HOOK_POINTS):
+            print("too many launches finished before their kill; stopping")
+            break
+    wall = time.perf_counter() - started
+    kills = sum(t.kills for t in trials)
+    survived = sum(t.survived for t in trials)
+    lost = sum(t.lost for t in trials)
+    print(f"kills: {kills}, kills survived: {survived}, runs: {len(trials)}, runs lost: {lost}, "
+          f"wall time: {wall:.1f}s")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 1 if lost else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

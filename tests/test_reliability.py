@@ -1,0 +1,761 @@
+"""Never lose a run, never run a checkpoint.
+
+- crash consistency: a training subprocess SIGKILLed in the middle of a checkpoint write resumes
+  to the same weights, metrics and summary as an uninterrupted run (``benchmarks/crash_resume.py``
+  runs the same harness at more kill points);
+- a corrupted or truncated checkpoint is reported with its name and the last good one, never
+  silently replaced by a fresh start; a failed write leaves the previous checkpoint loadable;
+- a checkpoint whose pickle would run code is refused before it runs, by the library and the CLI;
+- a non-finite loss stops the run naming the epoch and step, with the last good checkpoint intact;
+- fuzzing: random invalid command lines for ``train``, ``eval`` and ``reproduce`` all end in exit 2
+  and one ``ducat: error:`` line, without a traceback and before any compute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import pickle
+import shlex
+import shutil
+import sys
+import traceback
+from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ducat.cli import main
+from ducat.config import TrainConfig, describe, load_config, preset_names
+from ducat.train import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "cpu-digits-small_cnn-pgd_at-ducat"
+TINY = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
+        "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true",
+        "run.threads=1", "optim.milestones=[2]", "ducat.start_epoch=2"]
+
+
+def _crash_resume_module():
+    spec = importlib.util.spec_from_file_location("crash_resume", ROOT / "benchmarks" / "crash_resume.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("crash_resume", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+crash = _crash_resume_module()
+
+
+def tiny(run_dir: Path, epochs: int = 3, extra=()) -> list[str]:
+    return [PRESET, f"run.out={run_dir}", f"optim.epochs={epochs}", *TINY, *extra]
+
+
+def quiet_train(args: list[str], resume: bool = False):
+    return train(load_config(args[0], args[1:]), resume=resume, log=lambda s: None)
+
+
+def interrupted_run(run_dir: Path, epochs: int = 3, stop_at: int = 3) -> None:
+    """A run stopped (Ctrl-C) at the start of epoch ``stop_at``: last.pt = stop_at-1, prev.pt = stop_at-2."""
+    args = tiny(run_dir, epochs)
+    trainer = Trainer(load_config(args[0], args[1:]), log=lambda s: None)
+    original = trainer.train_epoch
+
+    def stop(epoch, progress=None):
+        if epoch == stop_at:
+            raise KeyboardInterrupt
+        return original(epoch, progress)
+
+    trainer.train_epoch = stop
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+
+
+def weights(run_dir: Path, name: str = "last.pt") -> dict:
+    return load_checkpoint(run_dir / name)["model"]
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def cli(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    assert err.startswith("ducat: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch tiny run (in-process) to compare resumed runs against."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    quiet_train(tiny(run_dir))
+    return run_dir
+
+
+# ---- 1. crash consistency: SIGKILL, resume, compare -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_subprocess_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("crash") / "reference"
+    crash.reference_run(run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [
+    "replaced:last.pt.sha256@2",  # checksum of the new last.pt in place, its data not: falls back to prev.pt
+    "replaced:last.pt@2",         # checkpoint of epoch 2 in place, the run killed right after
+    "replaced:last.pt@4",         # final checkpoint in place, run not finished (summary, safetensors)
+])
+def test_sigkill_in_a_checkpoint_write_then_resume_gives_the_same_run(point, reference_subprocess_run, tmp_path):
+    trial = crash.hook_trial(point, reference_subprocess_run, tmp_path / "run")
+    assert trial.kills == 1, trial.problems  # the process really died by SIGKILL at that point
+    assert not trial.lost, trial.problems    # weights of last.pt/best.pt bit-identical, metrics and summary equal
+
+
+def test_restart_after_a_crash_before_the_first_checkpoint_has_one_row_per_epoch(tmp_path):
+    # a first attempt killed after writing its epoch-1 metrics row but before its first checkpoint
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "train_loss": 9.9}) + "\n" + '{"epo')
+    quiet_train(tiny(run_dir, epochs=2))  # nothing to resume: the user starts the run again
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["train_loss"] != 9.9
+
+
+def test_crash_hook_is_inert_unless_asked(monkeypatch, tmp_path):
+    from ducat.checkpoint import CRASH_ENV, crash_point
+
+    monkeypatch.delenv(CRASH_ENV, raising=False)
+    crash_point("replaced", "last.pt")
+    monkeypatch.setenv(CRASH_ENV, "replaced:last.pt@3")
+    crash_point("replaced", "last.pt")  # 1st and 2nd hits: still alive
+    crash_point("replaced", "last.pt")
+    crash_point("temp-written", "last.pt")
+    save_checkpoint({"model": {"w": torch.ones(1)}}, tmp_path / "other.pt")  # other file names: inert
+
+
+# ---- 2. corrupted / truncated checkpoints, failed writes --------------------------------------------
+
+def _corrupt(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "bitflip":
+        middle = len(data) // 2
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    elif how == "empty":
+        path.write_bytes(b"")
+    elif how == "truncated-no-checksum":
+        path.write_bytes(data[: len(data) // 2])
+        path.with_name(path.name + ".sha256").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "bitflip", "empty", "truncated-no-checksum"])
+def test_corrupted_last_pt_names_the_file_and_the_previous_one(straight_run, tmp_path, how):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    _corrupt(run_dir / "last.pt", how)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(run_dir / "last.pt")
+    message = str(info.value)
+    assert "\n" not in message and str(run_dir / "last.pt") in message and str(run_dir / "prev.pt") in message
+    assert load_checkpoint(run_dir / "prev.pt")["epoch"] == 2  # the one it names is good
+    code, _, err = cli(["eval", str(run_dir / "last.pt"), "--attacks", "pgd10", "--n-examples", "5",
+                        "--no-progress"])
+    assert_one_line_error(code, err, str(run_dir / "last.pt"), str(run_dir / "prev.pt"))
+
+
+def test_resume_with_a_corrupted_last_pt_falls_back_to_prev_pt_loudly(straight_run, tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted_run(run_dir)  # last.pt = epoch 2, prev.pt = epoch 1
+    _corrupt(run_dir / "last.pt", "truncated")
+    code, out, err = cli(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    assert "warning:" in out and str(run_dir / "last.pt") in out and "resuming from the previous checkpoint" in out
+    assert "after epoch 1" in out  # resumed from prev.pt, not from scratch
+    assert same_weights(weights(run_dir), weights(straight_run))
+    rows = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3]
+
+
+@pytest.mark.parametrize("prev", ["corrupted", "missing"])
+def test_resume_with_no_usable_checkpoint_is_exit_2_never_a_fresh_start(tmp_path, prev):
+    run_dir = tmp_path / "run"
+    interrupted_run(run_dir)
+    _corrupt(run_dir / "last.pt", "truncated")
+    if prev == "corrupted":
+        _corrupt(run_dir / "prev.pt", "bitflip")
+    else:
+        (run_dir / "prev.pt").unlink()
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    code, _, err = cli(["train", "--resume", str(run_dir)])
+    assert_one_line_error(code, err, str(run_dir / "last.pt"))
+    if prev == "corrupted":
+        assert str(run_dir / "prev.pt") in err and "unusable too" in err
+    after = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert after == before  # nothing overwritten: no fresh start
+
+
+class _DiskFull:
+    """Makes the write or the rename of one file fail with ENOSPC."""
+
+    def __init__(self, name: str, stage: str):
+        self.name, self.stage, self.calls = name, stage, 0
+        self.real_replace, self.real_open = os.replace, open
+
+    def replace(self, src, dst):
+        if self.stage == "rename" and Path(dst).name == self.name:
+            self.calls += 1
+            raise OSError(28, "No space left on device")
+        return self.real_replace(src, dst)
+
+    def open(self, file, mode="r", *args, **kwargs):
+        handle = self.real_open(file, mode, *args, **kwargs)
+        if self.stage == "write" and Path(file).name == f".{self.name}.tmp" and "w" in mode:
+            self.calls += 1
+            handle.write(b"\0" * 10)  # a partial write, then the disk is full
+
+            def full(data):
+                raise OSError(28, "No space left on device")
+
+            handle.write = full
+        return handle
+
+
+@pytest.mark.parametrize("stage", ["write", "rename"])
+def test_failed_checkpoint_write_keeps_the_previous_checkpoint_loadable(straight_run, tmp_path, monkeypatch, stage):
+    import ducat.checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    old = load_checkpoint(run_dir / "last.pt")
+    disk = _DiskFull("last.pt", stage)
+    monkeypatch.setattr(ckpt.os, "replace", disk.replace)
+    monkeypatch.setattr(ckpt, "open", disk.open, raising=False)
+    new_state = {**old, "epoch": 99}
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(new_state, run_dir / "last.pt")
+    monkeypatch.undo()
+    assert disk.calls == 1
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == old["epoch"]  # old file, its own checksum
+    assert same_weights(load_checkpoint(run_dir / "last.pt")["model"], old["model"])
+    assert load_checkpoint(run_dir / "prev.pt")["epoch"] == old["epoch"]
+    assert not (run_dir / ".last.pt.tmp").exists()
+
+
+def test_disk_full_during_training_is_one_line_and_the_run_resumes(straight_run, tmp_path, monkeypatch):
+    import ducat.checkpoint as ckpt
+
+    run_dir = tmp_path / "run"
+    disk = _DiskFull("last.pt", "write")
+    real_open = disk.open
+    seen = Counter()
+
+    def open_failing_on_second_last_pt(file, mode="r", *args, **kwargs):
+        if Path(file).name == ".last.pt.tmp":
+            seen["last"] += 1
+            if seen["last"] == 2:
+                return real_open(file, mode, *args, **kwargs)
+        return disk.real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "open", open_failing_on_second_last_pt, raising=False)
+    code, _, err = cli(["train", *tiny(run_dir)])
+    monkeypatch.undo()
+    assert_one_line_error(code, err, "cannot write checkpoint", str(run_dir / "last.pt"), "epoch 2",
+                          "No space left on device", "the last good checkpoint is", "(epoch 1)")
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 1
+    code, _, err = cli(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    assert same_weights(weights(run_dir), weights(straight_run))
+
+
+# ---- 3. untrusted checkpoints ----------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _malicious(path: Path, marker: Path, fmt: str) -> Path:
+    state = {"model": {"net.fc.weight": torch.zeros(10, 4)}, "config": "{}", "evil": _Payload(marker)}
+    if fmt == "zip":
+        torch.save(state, path)
+    elif fmt == "legacy":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+    else:
+        path.write_bytes(pickle.dumps(state))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy", "raw-pickle"])
+def test_code_executing_checkpoint_is_refused_and_never_runs(tmp_path, fmt):
+    marker = tmp_path / "pwned"
+    evil = _malicious(tmp_path / "evil.pt", marker, fmt)
+    # control: the payload is live -- a plain unpickle would run it
+    control = tmp_path / "control"
+    _malicious(tmp_path / "control.pt", control, fmt)
+    if fmt == "raw-pickle":
+        pickle.loads((tmp_path / "control.pt").read_bytes())
+    else:
+        torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+    with pytest.raises(CheckpointError, match="refused") as info:
+        load_checkpoint(evil)
+    assert str(evil) in str(info.value) and "\n" not in str(info.value)
+    for argv in (["eval", str(evil), "--no-progress"],
+                 ["eval", str(evil), "--model", "small_cnn", "--dataset", "digits", "--eps", "0.1"],
+                 ["train", PRESET, f"finetune.checkpoint={evil}", f"run.out={tmp_path / 'tuned'}", *TINY]):
+        code, _, err = cli(argv)
+        assert_one_line_error(code, err, str(evil), "refused")
+    assert not marker.exists()
+    assert not (tmp_path / "tuned" / "last.pt").exists()
+
+
+def test_code_executing_last_pt_is_refused_on_resume_and_eval(tmp_path):
+    marker = tmp_path / "pwned"
+    run_dir = tmp_path / "run"
+    interrupted_run(run_dir)
+    (run_dir / "prev.pt").unlink()
+    for name in ("last.pt", "best.pt"):
+        (run_dir / f"{name}.sha256").unlink()  # a swapped-in file has no matching checksum
+        _malicious(run_dir / name, marker, "zip")
+    code, _, err = cli(["train", "--resume", str(run_dir)])
+    assert_one_line_error(code, err, str(run_dir / "last.pt"), "refused")
+    code, _, err = cli(["eval", str(run_dir), "--no-progress"])
+    assert_one_line_error(code, err, str(run_dir / "best.pt"), "refused")
+    assert not marker.exists()
+
+
+# ---- 4. non-finite loss ----------------------------------------------------------------------------
+
+def test_non_finite_loss_names_epoch_and_step_and_keeps_the_last_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    # epoch 1 at the preset's lr, then lr x 1e30 from epoch 2: the weights blow up within epoch 2
+    code, _, err = cli(["train", *tiny(run_dir, extra=["optim.milestones=[1]", "optim.gamma=1e30"])])
+    assert_one_line_error(code, err, "non-finite loss", "at epoch 2, step ", str(run_dir / "last.pt"), "(epoch 1)")
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = cli(["train", *tiny(run_dir, extra=["optim.lr=1e30"])])
+    assert_one_line_error(code, err, "non-finite loss", "at epoch 1, step ", "no checkpoint of this run was written")
+    assert not (run_dir / "last.pt").exists()
+
+
+# ---- 5. fuzzing the command line --------------------------------------------------------------------
+
+class ComputeStarted(Exception):
+    """Raised by the stand-ins of training, evaluation and the reproduction grid."""
+
+
+def _no_compute(*args, **kwargs):
+    raise ComputeStarted
+
+
+FUZZ: dict[str, Counter] = {name: Counter() for name in ("train", "eval", "reproduce")}
+FUZZ_REPORT = os.environ.get("DUCAT_FUZZ_REPORT")  # append the counts as JSON lines to this file
+
+
+def _report_fuzz(command: str) -> None:
+    counts = dict(FUZZ[command])
+    print(f"\nfuzz {command}: {counts}")
+    if FUZZ_REPORT:
+        with open(FUZZ_REPORT, "a") as f:
+            f.write(json.dumps({"command": command, **counts}) + "\n")
+
+
+def _check_invalid(command: str, argv: list[str]) -> None:
+    """Run ``main(argv)``; it must end in exit 2 and one ``ducat: error:`` line, with no compute."""
+    counts = FUZZ[command]
+    counts["tried"] += 1
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse exiting by itself would show up here
+            counts["system_exit"] += 1
+            raise AssertionError(f"SystemExit({exc.code}) for {argv!r}: {err.getvalue()!r}") from None
+        except ComputeStarted:
+            counts["compute_started"] += 1
+            raise AssertionError(f"invalid input reached compute: {argv!r}") from None
+        except Exception:
+            counts["tracebacks"] += 1
+            raise AssertionError(f"traceback for {argv!r}:\n{traceback.format_exc()}") from None
+    text = err.getvalue()
+    if not (code == 2 and text.startswith("ducat: error: ") and text.endswith("\n")
+            and len(text.splitlines()) == 1 and "Traceback" not in text):
+        counts["bad_output"] += 1
+        raise AssertionError(f"exit {code}, stderr {text!r} for {argv!r}")
+    counts["exit_2_one_line"] += 1
+
+
+# DUCAT_FUZZ_EXAMPLES=N and DUCAT_FUZZ_RANDOM=1 (fresh random inputs instead of the fixed sequence) for longer hunts
+FUZZ_SETTINGS = settings(max_examples=int(os.environ.get("DUCAT_FUZZ_EXAMPLES", 100)), deadline=None,
+                         derandomize=not os.environ.get("DUCAT_FUZZ_RANDOM"), database=None,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                HealthCheck.filter_too_much])
+
+# text that never looks like an option (argparse) and has no surrogates (not valid in argv)
+safe_text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
+word = st.from_regex(r"[a-z_]{1,10}", fullmatch=True)
+# user text with line breaks of every kind (str.splitlines breaks on all of them)
+tricky_text = st.one_of(safe_text, st.builds(lambda a, brk, b: a + brk + b, word, st.sampled_from(
+    ["\n", "\r\n", "\r", "\v", "\f", "\x1c", "\x85", "\u2028", "\u2029"]), word))
+not_a_number = st.sampled_from(["abc", "ten", "[1, 2]", "{a: 1}", "true", "1..2", "0x", "--", "nan?", "[", "{",
+                                "!!python/object/apply:os.system ['true']", "1/0", "'5'", "2001-12-14"])
+non_finite = st.sampled_from([".nan", ".inf", "-.inf", "nan", "inf", "-inf", "1e999", "1.0e+999", "-1e999",
+                              "1e308/1e-308"])
+fraction = st.floats(min_value=0.01, max_value=0.99).map(lambda x: f"{x + 1:.3f}")  # 1.01 .. 1.99
+def _config_fields() -> dict[str, dict[str, str]]:
+    """{section: {key: annotation text}} of TrainConfig."""
+    config = TrainConfig()
+    return {f.name: {g.name: str(g.type) for g in fields(getattr(config, f.name))} for f in fields(TrainConfig)}
+
+
+CONFIG_FIELDS = _config_fields()
+KNOWN_SECTIONS = set(CONFIG_FIELDS)
+# value ranges the validator enforces, each with values outside it
+OUT_OF_RANGE = {
+    "data.val_fraction": ["1", "1.5", "-0.1", "-1e-9"],
+    "data.batch_size": ["0", "-1", "-1000"], "data.crop_padding": ["-1"], "data.n_train": ["0", "-5"],
+    "data.n_test": ["0", "-5"], "attack.eps": ["-0.1", "-8/255"], "attack.step_size": ["-1", "-2/255"],
+    "attack.steps": ["-1"], "ducat.alpha": ["1.5", "-0.5"], "ducat.beta1": ["2", "-1"], "ducat.beta2": ["1.01"],
+    "optim.epochs": ["0", "-3"], "optim.lr": ["0", "-0.1"], "optim.momentum": ["-0.9"],
+    "optim.weight_decay": ["-1e-4"], "optim.gamma": ["0", "-0.1"], "validation.pgd_steps": ["-1"],
+    "validation.n_examples": ["0", "-1"], "validation.batch_size": ["0", "-256"], "run.threads": ["0", "-2"],
+    "run.save_epochs": ["[0]", "[-1]", "[100000]", "[1, 100000]"], "finetune.start_epoch": ["0", "100000"],
+    "run.seed": [str(2**64), str(2**63), str(-2**63 - 1)], "ducat.pairing_seed": [str(2**64), str(-2**70)],
+    "method.consistency_temperature": ["0", "-0.5"], "method.trades_beta": ["-1"], "method.mart_beta": ["-6"],
+    "method.consistency_lambda": ["-1"],
+}
+CHOICES = {"data.dataset": None, "model.name": None, "method.name": None, "attack.mode": None, "attack.bn": None,
+           "ducat.dummy_init": None, "validation.select": None, "run.amp": None, "run.channels_last": None,
+           "run.device": None}
+FREE_TEXT = {"data.root", "run.out"}  # any string is a valid value
+NO_CUDA_HERE = [] if torch.cuda.is_available() else ["cuda", "cuda:0", "cuda:1"]  # invalid only without a GPU
+
+
+@st.composite
+def invalid_override(draw) -> str:
+    kind = draw(st.sampled_from(["unknown-section", "unknown-key", "malformed", "bad-type", "non-finite",
+                                 "out-of-range", "bad-choice", "missing-file"]))
+    if kind == "unknown-section":
+        section = draw(word.filter(lambda w: w not in KNOWN_SECTIONS))
+        return f"{section}.{draw(word)}={draw(tricky_text)}"
+    if kind == "unknown-key":
+        section = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
+        key = draw(word.filter(lambda w: w not in CONFIG_FIELDS[section]))
+        return f"{section}.{key}={draw(tricky_text)}"
+    if kind == "malformed":
+        return draw(st.one_of(
+            word,  # no '='
+            st.builds(lambda k, v: f"{k}={v}", word, safe_text),  # no dot
+            st.builds(lambda a, b, c: f"{a}.{b}.{c}=1", word, word, word),  # two dots
+            st.just("=5"), st.just(".=1"), st.just("optim.=1"), st.just(".epochs=1")))
+    if kind == "out-of-range":
+        dotted = draw(st.sampled_from(sorted(OUT_OF_RANGE)))
+        return f"{dotted}={draw(st.sampled_from(OUT_OF_RANGE[dotted]))}"
+    if kind == "missing-file":
+        return f"finetune.checkpoint=/nonexistent/{draw(tricky_text)}.pt"
+    if kind == "bad-choice":
+        dotted = draw(st.sampled_from(sorted(CHOICES)))
+        value = draw(st.one_of(word.map(lambda w: f"zz{w}"), tricky_text.map(lambda w: f"zz{w}"),
+                               st.sampled_from(["[]", "{}", "true", "[cpu]"])))
+        if dotted == "run.device":
+            value = draw(st.sampled_from([value, "cudax", "cuda:abc", "cuda:", "gpu", "cuda0", *NO_CUDA_HERE]))
+        return f"{dotted}={value}"
+    # bad-type / non-finite: a field whose declared type the value cannot have
+    section = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
+    key = draw(st.sampled_from(sorted(CONFIG_FIELDS[section])))
+    annotation = CONFIG_FIELDS[section][key]
+    dotted = f"{section}.{key}"
+    assume(dotted not in FREE_TEXT and dotted not in CHOICES and "str" not in annotation)
+    if kind == "non-finite":
+        assume("int" in annotation or "float" in annotation)
+        return f"{dotted}={draw(non_finite)}"
+    if "bool" in annotation:
+        value = draw(st.one_of(st.sampled_from(["maybe", "2", "0.5", "[true]", "{a: 1}", "-1", "on?"]),
+                               word.filter(lambda w: w not in ("true", "false", "yes", "no", "on", "off",
+                                                               "y", "n"))))
+    elif "list" in annotation:
+        value = draw(st.sampled_from(["abc", "{a: 1}", "[x]", "[1.5]", "[true]", "[[1]]", "true"]))
+    elif "int" in annotation:
+        value = draw(st.one_of(not_a_number, fraction))
+    else:  # float
+        value = draw(not_a_number.filter(lambda v: v not in ("1/0",)) | st.just("1/0"))
+    return f"{dotted}={value}"
+
+
+VALID_OVERRIDES = st.sampled_from(["optim.epochs=2", "data.batch_size=32", "attack.eps=8/255", "ducat.alpha=0.3",
+                                   "run.progress=false", "validation.select=last", "method.name=trades",
+                                   "run.device=cpu", "optim.milestones=[1]", "data.n_train=100"])
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    import ducat.evaluate
+    import ducat.reproduce
+    import ducat.train
+
+    monkeypatch.setattr(ducat.train.Trainer, "run", _no_compute)  # Trainer() still checks the run dir
+    monkeypatch.setattr(ducat.evaluate, "evaluate", _no_compute)
+    monkeypatch.setattr(ducat.reproduce, "train_run", _no_compute)
+    monkeypatch.setattr(ducat.reproduce, "evaluate_run", _no_compute)
+
+
+@st.composite
+def train_argv(draw, files: Path) -> list[str]:
+    kind = draw(st.sampled_from(["preset+overrides", "bad-config-name", "yaml-file", "resume", "argparse"]))
+    if kind == "preset+overrides":
+        preset = draw(st.sampled_from([p for p in preset_names() if p.startswith("cpu-")]))
+        overrides = draw(st.lists(VALID_OVERRIDES, max_size=3))
+        bad = draw(st.lists(invalid_override(), min_size=1, max_size=2))
+        mixed = draw(st.permutations(overrides + bad))
+        return ["train", preset, *mixed]
+    if kind == "bad-config-name":
+        name = draw(tricky_text.filter(lambda t: t.strip() and not t.startswith("-") and t not in preset_names()))
+        assume(not Path(name).exists())
+        return ["train", name, *draw(st.lists(VALID_OVERRIDES, max_size=2))]
+    if kind == "yaml-file":
+        path = files / f"cfg{draw(st.integers(0, 10**9))}.yaml"
+        path.write_bytes(draw(yaml_document(files)))
+        return ["train", str(path), *draw(st.lists(VALID_OVERRIDES, max_size=2))]
+    if kind == "resume":
+        run_dir = draw(resume_dir(files))
+        extra = draw(st.lists(st.one_of(VALID_OVERRIDES, invalid_override(), st.just("run.threads=1")), max_size=2))
+        config_arg = draw(st.sampled_from([[], [PRESET]]))
+        return ["train", "--resume", str(run_dir), *config_arg, *extra]
+    return ["train", *draw(argparse_noise())]
+
+
+@st.composite
+def argparse_noise(draw) -> list[str]:
+    """Options argparse rejects: unknown flags, a flag without its value."""
+    choice = draw(st.sampled_from(["unknown-flag", "resume-without-value", "resume-dashdash", "nothing"]))
+    if choice == "unknown-flag":
+        return [PRESET, f"--zz{draw(word)}"]
+    if choice == "resume-without-value":
+        return ["--resume"]
+    if choice == "resume-dashdash":  # Python 3.11's argparse reads this as an empty list
+        return ["--resume=--"]
+    return []
+
+
+@st.composite
+def yaml_document(draw, files: Path) -> bytes:
+    kind = draw(st.sampled_from(["bad-yaml", "not-a-mapping", "section-not-mapping", "bad-value", "base",
+                                 "binary"]))
+    if kind == "bad-yaml":
+        return draw(st.sampled_from([b"data: [1, 2", b"a: b: c", b"{", b"\t- x\n y: 1", b"key: 'open",
+                                     b"? [a, b]\n: 1"]))
+    if kind == "not-a-mapping":
+        return draw(st.sampled_from([b"- 1\n- 2", b"42", b"'text'", b"[data, model]"]))
+    if kind == "section-not-mapping":
+        section = draw(st.sampled_from(sorted(CONFIG_FIELDS)))
+        return f"{section}: {draw(st.sampled_from(['5', '[1, 2]', 'text', 'null']))}\n".encode()
+    if kind == "bad-value":
+        override = draw(invalid_override())
+        dotted, _, value = override.partition("=")
+        if dotted.count(".") != 1 or not all(dotted.split(".")):  # malformed: an unknown top-level section
+            return f"{json.dumps(dotted or 'x')}: {json.dumps(value)}\n".encode()
+        section, key = dotted.split(".")
+        return (f"base: {PRESET}\n{section}:\n  {key}: {json.dumps(value)}\n").encode()
+    if kind == "base":
+        target = draw(st.sampled_from(["self", "missing", "directory", "list"]))
+        if target == "self":
+            return b"base: loop.yaml\n"  # written below as a file that names itself
+        if target == "missing":
+            return f"base: no-such-{draw(word)}\n".encode()
+        if target == "directory":
+            return f"base: {files}\n".encode()
+        return b"base: [a, b]\n"
+    return draw(st.binary(min_size=1, max_size=40).filter(lambda b: not b.isascii()))
+
+
+@st.composite
+def resume_dir(draw, files: Path) -> Path:
+    run_dir = files / f"run{draw(st.integers(0, 10**9))}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    state = draw(st.sampled_from(["missing", "empty", "garbage-config", "bad-config", "no-checkpoint"]))
+    if state == "missing":
+        return run_dir
+    run_dir.mkdir(parents=True)
+    if state == "garbage-config":
+        (run_dir / "config.yaml").write_bytes(draw(st.sampled_from([b"", b"[1, 2", b"- a\n- b", b"\xff\xfe\x00",
+                                                                    b"42", b"data: 5"])))
+    elif state == "bad-config":
+        (run_dir / "config.yaml").write_text("optim: {epochs: -1}\n")
+    elif state == "no-checkpoint":
+        (run_dir / "config.yaml").write_text(describe(load_config(PRESET, TINY + [f"run.out={run_dir}"])))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fuzz_files(tmp_path_factory) -> Path:
+    files = tmp_path_factory.mktemp("fuzz")
+    (files / "loop.yaml").write_text("base: loop.yaml\n")
+    return files
+
+
+def test_fuzz_train_invalid_input_is_one_line_exit_2(no_compute, fuzz_files):
+    @FUZZ_SETTINGS
+    @given(argv=train_argv(fuzz_files))
+    def check(argv):
+        _check_invalid("train", argv)
+
+    check()
+    _report_fuzz("train")
+
+
+@pytest.fixture(scope="module")
+def eval_targets(tmp_path_factory) -> dict[str, Path]:
+    from ducat.runs import build_run_model
+
+    root = tmp_path_factory.mktemp("eval-targets")
+    config = load_config(PRESET, TINY + [f"run.out={root / 'run'}"])
+    (root / "run").mkdir()
+    model = build_run_model(config)
+    save_checkpoint({"model": model.state_dict(), "config": config.to_json(), "epoch": 1}, root / "run" / "last.pt")
+    (root / "garbage.pt").write_bytes(b"\x80\x04garbage" * 10)
+    (root / "garbage.safetensors").write_bytes(b"\x00" * 64)
+    (root / "empty").mkdir()
+    (root / "notes.txt").write_text("not a checkpoint")
+    return {"valid": root / "run" / "last.pt", "valid-dir": root / "run", "garbage": root / "garbage.pt",
+            "garbage-st": root / "garbage.safetensors", "empty-dir": root / "empty", "text": root / "notes.txt",
+            "missing": root / "missing.pt", "missing-newline": root / "no\nsuch\u2028file.pt"}
+
+
+@st.composite
+def invalid_eval_option(draw) -> list[str]:
+    option = draw(st.sampled_from(["--eps", "--n-examples", "--batch-size", "--seed", "--attacks", "--protocols",
+                                   "--device", "--dataset", "--model"]))
+    if option == "--eps":
+        value = draw(st.one_of(st.sampled_from(["0", "-8/255", "-0.1", "abc", "nan", "inf", "1/0", "-inf", "1e999",
+                                                "8/0", "", "0/1"]), not_a_number))
+        return [f"--eps={value}"]
+    if option in ("--n-examples", "--batch-size"):
+        value = draw(st.one_of(st.sampled_from(["0", "-1", "-100", "1.5", "", "1e3"]), not_a_number))
+        return [f"{option}={value}"]
+    if option == "--seed":
+        return [f"--seed={draw(st.sampled_from(['abc', '1.5', str(2**64), str(-2**64), str(10**30), '']))}"]
+    if option == "--attacks":
+        names = draw(st.lists(st.sampled_from(["pgd10", "margin", "cw", "deepfool", "zz"]), min_size=1, max_size=3))
+        bad = draw(word.filter(lambda w: w not in ("pgd10", "margin", "cw", "pgd100", "autoattack", "targeted",
+                                                   "apgd_ce", "apgd_t", "fab", "square", "pgd20")))
+        return [f"--attacks={','.join([*names, 'zz' + bad])}"]
+    if option == "--protocols":
+        return [f"--protocols=zz{draw(tricky_text)}"]
+    if option == "--device":
+        return [f"--device={draw(st.sampled_from(['gpu', 'tpu', 'cuda:x', 'cudax', 'mps', 'zz', '', *NO_CUDA_HERE]))}"]
+    if option == "--dataset":
+        return [f"--dataset=zz{draw(tricky_text)}", "--model", "small_cnn"]
+    return [f"--model=zz{draw(tricky_text)}", "--dataset", "digits"]
+
+
+VALID_EVAL_OPTIONS = st.sampled_from([["--fast"], ["--no-progress"], ["--no-early-stop"], ["--n-examples", "5"],
+                                      ["--attacks", "pgd10"], ["--eps", "0.1"], ["--seed", "3"]])
+
+
+@st.composite
+def eval_argv(draw, targets: dict[str, Path]) -> list[str]:
+    name = draw(st.sampled_from(sorted(targets)))
+    bad = draw(st.lists(invalid_eval_option(), min_size=0 if name not in ("valid", "valid-dir") else 1, max_size=2))
+    flags = {b[0].split("=")[0] for b in bad}
+    # argparse keeps the last value of an option: no valid value may follow an invalid one
+    options = draw(st.lists(VALID_EVAL_OPTIONS.filter(lambda o: o[0] not in flags), max_size=2))
+    if name == "valid-dir" and draw(st.booleans()):
+        bad.append([f"--zz{draw(word)}"])  # argparse: unknown option
+    parts = draw(st.permutations(options + bad))
+    return ["eval", str(targets[name]), *[a for p in parts for a in p]]
+
+
+def test_fuzz_eval_invalid_input_is_one_line_exit_2(no_compute, eval_targets, tmp_path):
+    @FUZZ_SETTINGS
+    @given(argv=eval_argv(eval_targets))
+    def check(argv):
+        _check_invalid("eval", [*argv, "--out", str(tmp_path / "eval")])
+
+    check()
+    _report_fuzz("eval")
+
+
+@st.composite
+def reproduce_argv(draw, files: Path) -> list[str]:
+    scale = draw(st.sampled_from(["smoke", "mini", "paper"]))
+    out = files / f"out{draw(st.integers(0, 10**9))}"
+    args = {"--scale": scale, "--out": str(out)}
+    faults = draw(st.lists(st.sampled_from(["scale", "no-scale", "no-out", "seeds", "nproc", "out-is-file",
+                                            "out-under-file", "unknown-flag", "data-root", "dashdash"]), min_size=1,
+                           max_size=2,
+                           unique=True))
+    extra: list[str] = []
+    for fault in faults:
+        if fault == "scale":
+            args["--scale"] = draw(st.one_of(tricky_text.map(lambda w: "zz" + w),
+                                             st.sampled_from(["", "SMOKE", "tiny"])))
+        elif fault == "no-scale":
+            args.pop("--scale", None)
+        elif fault == "no-out":
+            args.pop("--out", None)
+        elif fault == "seeds":
+            extra.append(f"--seeds={draw(st.sampled_from(['0', '-1', 'abc', '1.5', '', '-100']))}")
+        elif fault == "nproc":
+            extra.append(f"--nproc={draw(st.sampled_from(['0', '-1', 'abc', '1.5', '', '-8']))}")
+        elif fault == "out-is-file":
+            shutil.rmtree(out, ignore_errors=True)  # a directory left by an earlier example
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text("a file")
+        elif fault == "out-under-file":
+            blocker = files / f"file{draw(st.integers(0, 10**9))}"
+            blocker.write_text("a file")
+            if "--out" in args:
+                args["--out"] = str(blocker / "sub" / "out")
+        elif fault == "unknown-flag":
+            extra.append(f"--zz{draw(word)}")
+        elif fault == "dashdash":
+            extra.append(f"{draw(st.sampled_from(['--out', '--seeds', '--nproc', '--data-root', '--scale']))}=--")
+        elif fault == "data-root":  # CIFAR files are not there
+            args["--scale"] = "paper"
+            extra.append(f"--data-root={files / 'no-such-root'}")
+    argv = ["reproduce"]
+    for key, value in args.items():
+        argv += [key, value]
+    return argv + extra
+
+
+def test_fuzz_reproduce_invalid_input_is_one_line_exit_2(no_compute, fuzz_files):
+    @FUZZ_SETTINGS
+    @given(argv=reproduce_argv(fuzz_files))
+    def check(argv):
+        _check_invalid("reproduce", argv)
+
+    check()
+    _report_fuzz("reproduce")
