@@ -89,12 +89,12 @@ def transfer_matrix(on_surrogate: dict[str, np.ndarray],
 
 
 def plot_transfer_matrix(result: dict[str, Any], path: Path) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     names = result["names"]
     for ax, key, title in ((axes[0], "given_success", "fooled the surrogate"),
                            (axes[1], "given_failure", "did not fool the surrogate")):
         grid = result[key]
-        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        image = ax.imshow(100 * grid, vmin=0, vmax=100, cmap="viridis")
         for i in range(len(names)):
             for j in range(len(names)):
                 if not np.isnan(grid[i, j]):
@@ -102,9 +102,10 @@ def plot_transfer_matrix(result: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(range(len(names)), names, rotation=30, fontsize=8)
         ax.set_yticks(range(len(names)), names, fontsize=8)
         ax.set_xlabel("target model")
-        ax.set_ylabel("surrogate model")
+        if ax is axes[0]:
+            ax.set_ylabel("surrogate model")
         ax.set_title(f"transfer success (%), examples that\n{title}", fontsize=10)
-    fig.colorbar(image, ax=axes, shrink=0.8)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="%")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
