@@ -67,7 +67,8 @@ import ducat
 from ducat.attacks import PGD
 from ducat.data import load_split
 from ducat.dummy import DummyClassModel
-from ducat.evaluate import EvalSettings, deployed, evaluate, load_target
+from ducat.dummy import deployed
+from ducat.eval import EvalSettings, evaluate, load_target
 from ducat.models import build_model
 
 AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -176,7 +177,7 @@ def aa_early(model, x, y, eps, seed, bs) -> tuple[np.ndarray, Timer, list[str]]:
             report = evaluate(model, x, y, settings, cache_dir=None, progress=False)
     finally:
         logger.removeHandler(log)
-    return report.masks["adaptive/AutoAttack"].astype(bool), t, log.lines
+    return report.masks["adaptive-autoattack"].astype(bool), t, log.lines
 
 
 def aa_all(model, x, y, eps, seed, bs) -> tuple[np.ndarray, Timer, list[str]]:
@@ -313,7 +314,7 @@ def main() -> None:
 
     with Timer() as t_train:
         if args.checkpoint:
-            model, dataset, train_eps = load_target(Path(args.checkpoint))
+            model, dataset, train_eps, _ = load_target(Path(args.checkpoint))
             source = f"{args.checkpoint} ({dataset})"
         else:
             dataset, train_eps = "digits", args.train_eps

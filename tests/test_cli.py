@@ -51,7 +51,7 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert main(args) == 0
     capsys.readouterr()
     assert main(args) == 2
-    assert "pass --resume" in capsys.readouterr().err
+    assert f"ducat train --resume {tmp_path}" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path)]) == 0  # finished run: nothing left to do
     assert main(["train", "--resume", str(tmp_path), "ducat.beta1=0.1"]) == 2
 

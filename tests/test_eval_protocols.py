@@ -13,7 +13,8 @@ from torch import nn
 from ducat.attacks import PGD
 from ducat.cli import main
 from ducat.dummy import DummyClassModel, make_pairing
-from ducat.evaluate import EvalSettings, evaluate
+from ducat.eval import EvalSettings, build_plan, evaluate
+from ducat.eval.runner import AttackResult, ResultCache, seed_for
 
 C = 2
 
@@ -43,9 +44,9 @@ def test_sink_model_fools_the_paper_protocol_not_the_adaptive_one():
     x, y = sink_data()
     report = evaluate(model, x, y, EvalSettings(eps=0.3, attacks=("pgd10", "margin", "targeted")), progress=False)
     assert report.clean_accuracy == 1.0
-    assert report.accuracy("paper", "PGD-10") >= 0.9
+    assert report.accuracy("paper-pgd10") >= 0.9
     assert report.sink_rate >= 0.9
-    assert report.accuracy("adaptive", "PGD-10") <= 0.05
+    assert report.accuracy("adaptive-pgd10") <= 0.05
     assert report.worst_case["robust_accuracy"] <= 0.05
 
 
@@ -76,8 +77,8 @@ def test_autoattack_equals_pyautoattack_called_directly():
     with torch.no_grad():
         direct = (model(x_adv).argmax(1) == y).sum().item() / len(y)
     assert report.clean_accuracy > 0.8
-    assert report.accuracy("adaptive", "AutoAttack") == pytest.approx(direct, abs=1e-9)
-    assert report.accuracy("paper", "AutoAttack") == report.accuracy("adaptive", "AutoAttack")  # plain model
+    assert report.accuracy("adaptive-autoattack") == pytest.approx(direct, abs=1e-9)
+    assert report.accuracy("paper-autoattack") == report.accuracy("adaptive-autoattack")  # plain model
 
 
 def independent_pgd(model, x, y, eps, step, steps, start):
@@ -100,14 +101,17 @@ def test_pgd_matches_an_independent_pgd_on_the_same_start():
     ours = PGD(model, eps, eps / 4, 10, generator=torch.Generator().manual_seed(7))(x, y)
     theirs = independent_pgd(model, x, y, eps, eps / 4, 10, start)
     assert torch.allclose(ours, theirs, atol=1e-6)
-    # and evaluate()'s PGD-10 row is that attack's accuracy (seed 0: generator seed 11 for the first batch)
-    report = evaluate(model, x, y, EvalSettings(eps=eps, attacks=("pgd10",)), progress=False)
+    # and evaluate()'s PGD-10 row is that attack's accuracy (its seed derives from the spec and the first example)
+    settings = EvalSettings(eps=eps, attacks=("pgd10",))
+    report = evaluate(model, x, y, settings, progress=False)
     clean = model(x).argmax(1) == y
-    start = (torch.rand(x[clean].shape, generator=torch.Generator().manual_seed(11)) * 2 - 1) * eps
+    (spec,) = build_plan(settings, is_dummy=False)
+    seed = seed_for(settings, spec, int(clean.nonzero()[0]))
+    start = (torch.rand(x[clean].shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1) * eps
     x_adv = independent_pgd(model, x[clean], y[clean], eps, eps / 4, 10, start)
     with torch.no_grad():
         expected = (model(x_adv).argmax(1) == y[clean]).sum().item() / len(y)
-    assert report.accuracy("adaptive", "PGD-10") == pytest.approx(expected)
+    assert report.accuracy("adaptive-pgd10") == pytest.approx(expected)
 
 
 @pytest.fixture(scope="module")
@@ -142,18 +146,19 @@ def test_adaptive_worst_case_is_never_above_the_paper_protocol(ducat_run, tmp_pa
 def test_interrupted_eval_resumes_with_the_same_report(ducat_run, tmp_path, monkeypatch):
     args = ["eval", str(ducat_run), "--attacks", "pgd10,margin", "--n-examples", "30", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "straight")]) == 0
-    import ducat.evaluate as ev
+    import ducat.eval.attacks as attacks
 
-    original = ev._Evaluator.margin_restarts
+    def interrupted_margin():
+        def factory(context):
+            raise KeyboardInterrupt
+        return factory
 
-    def crash(self, offset):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ev._Evaluator, "margin_restarts", crash)
-    assert main([*args, "--out", str(tmp_path / "resumed")]) == 130  # interrupted (Ctrl-C) after PGD-10
+    with monkeypatch.context() as patch:
+        patch.setattr(attacks, "margin_restarts", interrupted_margin)
+        assert main([*args, "--out", str(tmp_path / "resumed")]) == 130  # interrupted (Ctrl-C) after PGD-10
     cached = sorted(p.name for p in (tmp_path / "resumed" / "eval_cache").iterdir())
     assert any(name.startswith("paper-pgd10") for name in cached)
-    monkeypatch.setattr(ev._Evaluator, "margin_restarts", original)
+    assert not any(name.startswith("adaptive-margin") for name in cached)
     assert main([*args, "--out", str(tmp_path / "resumed")]) == 0
     a = json.loads((tmp_path / "straight" / "report.json").read_text())
     b = json.loads((tmp_path / "resumed" / "report.json").read_text())
@@ -165,21 +170,14 @@ def test_interrupted_eval_resumes_with_the_same_report(ducat_run, tmp_path, monk
 def test_cache_is_not_reused_for_examples_it_never_attacked(tmp_path):
     """An attack run after more earlier attacks attacks fewer examples; its cached result must not
     stand in when the same attack now has more examples to attack (they are not 'broken')."""
-    from ducat.evaluate import _Cache, _Evaluator
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3)).eval()
-    x = torch.rand(10, 1, 2, 2)
-    with torch.no_grad():
-        y = model(x).argmax(1)  # every example correct: an identity "attack" leaves all robust
-    settings = EvalSettings(eps=0.1, attacks=("pgd10",))
-    unchanged = lambda x, y, idx: x.clone()  # noqa: E731
     first_half = np.arange(10) < 5
-    first = _Evaluator(model, x, y, settings, _Cache(tmp_path, "f" * 64), lambda s: None)
-    assert first.run("margin", unchanged, first_half)["robust"].tolist() == first_half.tolist()
-    later = _Evaluator(model, x, y, settings, _Cache(tmp_path, "f" * 64), lambda s: None)
-    assert later.run("margin", unchanged, np.ones(10, dtype=bool))["robust"].all()
-    assert later.run("margin", unchanged, np.arange(10) < 3)["robust"].tolist() == (np.arange(10) < 3).tolist()
+    cache = ResultCache(tmp_path, "f" * 64, 10)
+    cache.put("adaptive-margin", AttackResult(first_half.copy(), np.zeros(10, np.int64), np.zeros(10, np.int64),
+                                              first_half.copy()))
+    assert cache.get("adaptive-margin", np.ones(10, dtype=bool)) is None
+    fewer = np.arange(10) < 3
+    assert cache.get("adaptive-margin", fewer).robust.tolist() == fewer.tolist()
+    assert ResultCache(tmp_path, "e" * 64, 10).get("adaptive-margin", fewer) is None  # another run's fingerprint
 
 
 def test_cache_depends_on_the_batch_size(tmp_path):  # random starts are drawn per batch

@@ -521,12 +521,12 @@ VALID_OVERRIDES = st.sampled_from(["optim.epochs=2", "data.batch_size=32", "atta
 
 @pytest.fixture
 def no_compute(monkeypatch):
-    import ducat.evaluate
+    import ducat.eval.api
     import ducat.reproduce
     import ducat.train
 
     monkeypatch.setattr(ducat.train.Trainer, "run", _no_compute)  # Trainer() still checks the run dir
-    monkeypatch.setattr(ducat.evaluate, "evaluate", _no_compute)
+    monkeypatch.setattr(ducat.eval.api, "evaluate", _no_compute)
     monkeypatch.setattr(ducat.reproduce, "train_run", _no_compute)
     monkeypatch.setattr(ducat.reproduce, "evaluate_run", _no_compute)
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ducat.checkpoint import CheckpointError
-from ducat.config import ConfigError, config_from_dict, load_config, preset_names
+from ducat.config import ConfigError, _parse_fraction, config_from_dict, load_config, preset_names
 from ducat.data import DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
@@ -35,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ducat.train import train
+    from ducat.train import setup_runtime, train
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -50,6 +50,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if not args.config:
             raise UsageError("give a preset name or YAML file (list presets with: ducat presets)")
         config = load_config(args.config, args.overrides)
+    setup_runtime(config.run)
     result = train(config, resume=bool(args.resume))
     print(f"run written to {result.run_dir} (best epoch {result.best_epoch}: "
           f"val clean {result.best['val_clean_acc']:.4f}, val PGD {result.best['val_pgd_acc']:.4f})")
@@ -113,29 +114,73 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ducat.evaluate import run_cli
+    from ducat.eval import FAST_ATTACKS, evaluate_checkpoint
+    from ducat.eval.api import default_output
 
-    _check_eval_args(args)
-    return run_cli(args)
+    settings = _eval_settings(args, FAST_ATTACKS)
+    eps = _parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    try:
+        report = evaluate_checkpoint(args.target, args.out, eps=eps, settings=settings, data_root=args.data_root,
+                                     dataset=args.dataset, model_name=args.model, device=args.device,
+                                     progress=not args.no_progress)
+    except ValueError as exc:  # a model's own checks (shapes, names) on a foreign checkpoint
+        if isinstance(exc, USER_ERRORS):
+            raise
+        raise ConfigError(str(exc)) from None
+    print(report.to_markdown())
+    out = Path(args.out) if args.out else default_output(Path(args.target))
+    print(f"\nreport written to {out / 'report.md'} and {out / 'report.json'}")
+    return 0
 
 
-def _check_eval_args(args: argparse.Namespace) -> None:
-    """Values ``ducat eval`` would otherwise only trip over once the attacks run."""
+def _eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> dict:
+    """EvalSettings fields from ``ducat eval``'s options, checked before anything is loaded."""
     import math
     import re
-
-    from ducat.config import _parse_fraction
 
     if args.eps is not None and not math.isfinite(_parse_fraction(args.eps, "--eps")):
         raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.n_examples is not None and args.n_examples < 1:
+        raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
     if not -2**63 <= args.seed < 2**63:
         raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.out:
         _check_output_dir(Path(args.out), "--out")
+    settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
+                "early_stop": not args.no_early_stop, "norm": args.norm}
+    if args.fast:
+        settings["attacks"] = fast_attacks
+    if args.attacks:
+        settings["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if args.protocols:
+        settings["protocols"] = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    return settings
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    from ducat.eval.plan import ATTACK_NAMES, Protocol
+
+    parser.add_argument("target", help="run directory or checkpoint (.pt or .safetensors)")
+    parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
+    parser.add_argument("--norm", default="Linf", choices=("Linf", "L2"), help="threat model (default Linf)")
+    parser.add_argument("--n-examples", type=int, help="evaluate the first N test examples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(ATTACK_NAMES)} (default: all)")
+    parser.add_argument("--protocols", help="comma-separated subset of: "
+                                            f"{', '.join(p.value for p in Protocol)} (default: all)")
+    parser.add_argument("--fast", action="store_true", help="skip AutoAttack and PGD-100 (CPU-friendly)")
+    parser.add_argument("--no-early-stop", action="store_true", help="run every attack on every clean-correct example")
+    parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or the checkpoint's directory/eval)")
+    parser.add_argument("--dataset", help="dataset of a foreign checkpoint without a ducat config")
+    parser.add_argument("--model", help="architecture of a foreign checkpoint (a ducat model name)")
+    parser.add_argument("--data-root", help="dataset root directory")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,14 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the shipped presets")
     p.set_defaults(func=_cmd_presets)
 
-    try:
-        from ducat.evaluate import add_eval_arguments
-    except ImportError:  # evaluation not installed in this build
-        add_eval_arguments = None
-    if add_eval_arguments is not None:
-        p = sub.add_parser("eval", help="robustness report: paper protocol and adaptive attacks side by side")
-        add_eval_arguments(p)
-        p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("eval", help="robustness report: paper protocol and adaptive attacks side by side")
+    _add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -62,7 +62,3 @@ def context_from_env(device_name: str) -> DistContext:
         torch.cuda.set_device(local_rank)
     return DistContext(rank, world_size, local_rank)
 
-
-def shutdown(context: DistContext) -> None:
-    if context.enabled and dist.is_initialized():
-        dist.destroy_process_group()

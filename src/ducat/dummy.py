@@ -186,6 +186,11 @@ class ProjectedClassifier(nn.Module):
         return merge_logits(self.model(x), self.model.dummy_index, self.mode)
 
 
+def deployed(model: nn.Module) -> nn.Module:
+    """The C-class classifier a user deploys: max-merged logits for a DUCAT model, the model itself otherwise."""
+    return model.projected("max") if isinstance(model, DummyClassModel) else model
+
+
 class OriginalLogits(nn.Module):
     """The first C raw logits of a :class:`DummyClassModel`, ``(B, C)`` (the paper's eq. 7 attack)."""
 
@@ -208,7 +213,10 @@ def widen_model(
     The classifier layer (``layer_name``, default the last ``nn.Linear``) is replaced by a 2C one
     whose first C rows are the original ones, so the original logits are unchanged. With
     ``dummy_init='copy'`` the dummy row of class k starts as a copy of row k (placed at
-    ``dummy_index[k]``). The model is modified in place and wrapped.
+    ``dummy_index[k]``).
+
+    The model passed in is **modified in place** (its classifier layer is swapped) and wrapped: keep a
+    ``copy.deepcopy`` first if you still need the C-output model.
     """
     layer_name = layer_name or find_last_linear(model)
     layer = model.get_submodule(layer_name)

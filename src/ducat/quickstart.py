@@ -12,26 +12,23 @@ from pathlib import Path
 
 import torch
 
-from ducat.attacks import PGD
+from ducat.attacks import PGD, correct_under_attack, eval_mode
 from ducat.config import load_config
 from ducat.data import load_split
+from ducat.dummy import deployed
 from ducat.runs import model_from_checkpoint
-from ducat.train import deployed_view, train
+from ducat.train import train
 
 
 def pgd_accuracies(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
                    seed: int = 0) -> dict[str, float]:
     """Clean, paper-protocol PGD and projected-classifier PGD accuracy (fractions) on ``(x, y)``."""
-    model.eval()
-    view = deployed_view(model)
     out = {}
-    with torch.no_grad():
-        out["clean"] = (view(x).argmax(1) == y).float().mean().item()
-    for name, target in (("pgd_paper", model), ("pgd_projected", view)):
-        attack = PGD(target, eps, eps / 4, steps, generator=torch.Generator().manual_seed(seed))
-        x_adv = attack(x, y)
-        with torch.no_grad():
-            out[name] = (view(x_adv).argmax(1) == y).float().mean().item()
+    with eval_mode(model):
+        out["clean"] = correct_under_attack(model, x, y).float().mean().item()
+        for name, target in (("pgd_paper", model), ("pgd_projected", deployed(model))):
+            attack = PGD(target, eps, eps / 4, steps, generator=torch.Generator().manual_seed(seed))
+            out[name] = correct_under_attack(model, x, y, attack, batch_size=len(y)).float().mean().item()
     return out
 
 

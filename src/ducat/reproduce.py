@@ -178,25 +178,22 @@ def _config_overrides(config: TrainConfig) -> list[str]:
 # ---- evaluation ---------------------------------------------------------------------------------
 def evaluate_run(run: GridRun, run_dir: Path, scale: Scale, data_root: str | None, log) -> None:
     """Paper-protocol and adaptive evaluation of a finished run (cached in ``run_dir/eval``)."""
-    from ducat.evaluate import evaluate_checkpoint
+    from ducat.eval import evaluate_checkpoint
 
     cached = (run_dir / "eval" / "report.json").is_file()
     log(f"  {run.name}: evaluating" + (" (finished attacks are reused from eval/eval_cache)" if cached else ""))
     attacks = scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks
-    evaluate_checkpoint(run_dir, out=run_dir / "eval", n_examples=scale.eval_examples, attacks=attacks,
-                        data_root=data_root, progress=False, n_targets=scale.n_targets,
-                        margin_restarts=scale.margin_restarts)
+    evaluate_checkpoint(run_dir, out=run_dir / "eval", data_root=data_root, progress=False,
+                        settings={"n_examples": scale.eval_examples, "attacks": attacks,
+                                  "n_targets": scale.n_targets, "margin_restarts": scale.margin_restarts})
 
 
 def _report_json(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "eval" / "report.json").read_text())
 
 
-def _accuracy(report: dict[str, Any], protocol: str, attack: str) -> float:
-    for row in report["results"]:
-        if row["protocol"] == protocol and row["attack"] == attack:
-            return row["robust_accuracy"]
-    return math.nan
+def _accuracy(report: dict[str, Any], key: str) -> float:
+    return next((row["robust_accuracy"] for row in report["results"] if row["id"] == key), math.nan)
 
 
 def _masks(run_dir: Path) -> dict[str, np.ndarray]:
@@ -268,7 +265,8 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
         report = _report_json(rdir(run.name))
         rows.append({"method": METHOD_LABELS[run.method], "ducat": run.ducat, "seed": run.seed,
                      "clean": report["clean_accuracy"],
-                     "paper": {a: _accuracy(report, "paper", a) for a in ("PGD-10", "PGD-100", "AutoAttack")},
+                     "paper": {a: _accuracy(report, key) for a, key in (("PGD-10", "paper-pgd10"), ("PGD-100", "paper-pgd100"),
+                                                                     ("AutoAttack", "paper-autoattack"))},
                      "adaptive_worst": report["worst_case"]["robust_accuracy"]})
     sections += ["## Main results (layout of the paper's table 1; accuracy %, mean ± std over seeds)", "",
                  analysis.main_table(rows), "",
@@ -277,11 +275,12 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
                     "the evaluation tests check ducat's AutoAttack call against pyautoattack's own)."
                     if "autoattack" not in scale.eval_attacks else "."), ""]
     strongest = "AutoAttack" if "autoattack" in scale.eval_attacks else "PGD-100"
+    strongest_key = "paper-autoattack" if "autoattack" in scale.eval_attacks else "paper-pgd100"
 
     # Fig. 2: always-failed overlap among the four base defenses (PGD-10)
     base_runs = [r for r in runs if r.group == "main" and not r.ducat and r.seed == 0]
     labels = _masks(rdir(base_runs[0].name))["labels"]
-    robust = {METHOD_LABELS[r.method]: _masks(rdir(r.name))["paper/PGD-10"] for r in base_runs}
+    robust = {METHOD_LABELS[r.method]: _masks(rdir(r.name))["adaptive-pgd10"] for r in base_runs}
     overlap = analysis.always_failed_overlap(robust, labels, int(labels.max()) + 1)
     analysis.plot_always_failed_overlap(overlap, figures / "fig2_always_failed.png")
     sections += ["## Always-failed examples across the four base defenses (paper fig. 2)", "",
@@ -302,8 +301,8 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
     curves = {}
     for label, name in toy_names.items():
         report = _report_json(rdir(name))
-        curves[label] = {"clean": report["clean_accuracy"], "PGD-10 (paper)": _accuracy(report, "paper", "PGD-10"),
-                         f"{strongest} (paper)": _accuracy(report, "paper", strongest),
+        curves[label] = {"clean": report["clean_accuracy"], "PGD-10 (paper)": _accuracy(report, "paper-pgd10"),
+                         f"{strongest} (paper)": _accuracy(report, strongest_key),
                          "adaptive worst": report["worst_case"]["robust_accuracy"]}
     analysis.toy_case_plot(curves, figures / "fig4_toy_case.png")
     sections += ["## The hard-label toy case (paper fig. 4)", "", "![](figures/fig4_toy_case.png)", ""]
@@ -350,7 +349,7 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
             report = _report_json(rdir(name))
             values.append(value)
             clean.append(report["clean_accuracy"])
-            paper.append(_accuracy(report, "paper", "PGD-10"))
+            paper.append(_accuracy(report, "paper-pgd10"))
             adaptive.append(report["worst_case"]["robust_accuracy"])
         analysis.ablation_plot(param, values, clean, paper, adaptive, figures / f"fig7_ablation_{param}.png")
         sections += [f"![](figures/fig7_ablation_{param}.png)", ""]
@@ -359,7 +358,7 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
     ducat_dir = rdir("pgd_at-ducat-s0")
     masks = _masks(ducat_dir)
     model, _, _ = model_from_checkpoint(ducat_dir)
-    confusion = analysis.confusion_under_attack(masks["labels"], masks["paper/PGD-10/raw_predictions"],
+    confusion = analysis.confusion_under_attack(masks["labels"], masks["paper-pgd10/raw_predictions"],
                                                 model.num_classes, model.dummy_index.numpy())
     analysis.plot_confusion(confusion, figures / "fig8_confusion.png")
     sink = _report_json(ducat_dir).get("sink_rate")
@@ -374,16 +373,15 @@ def build_report(scale: Scale, runs: list[GridRun], out: Path, data_root: str | 
     sections += ["## Penultimate features, t-SNE (paper fig. 10)", "", "![](figures/fig10_tsne.png)", ""]
 
     # Table 4: targeted attacks
-    columns = (("targeted PGD-10 (original classes)", "paper", "random other class, paper protocol"),
-               ("targeted PGD-10 (original classes)", "adaptive", "random other class, projected"),
-               ("targeted PGD-10 (dummy classes)", "paper", "dummy of a random other class, paper protocol"),
-               ("PGD-100 targeted margin", "adaptive", f"PGD-100 margin to the top-{scale.n_targets} classes, projected"))
+    columns = (("paper-targeted-original", "random other class, paper protocol"),
+               ("adaptive-targeted-original", "random other class, projected"),
+               ("paper-targeted-dummy", "dummy of a random other class, paper protocol"),
+               ("adaptive-targeted-top", f"PGD-100 margin to the top-{scale.n_targets} classes, projected"))
     targeted = {}
     for label, row_name in (("PGD-AT", "pgd_at-s0"), ("PGD-AT + DUCAT", "pgd_at-ducat-s0")):
-        results = _report_json(rdir(row_name))["results"]
-        targeted[label] = {title: next((r["robust_accuracy"] for r in results
-                                        if r["attack"].startswith(attack) and r["protocol"] == protocol), None)
-                           for attack, protocol, title in columns}
+        report = _report_json(rdir(row_name))
+        targeted[label] = {title: None if math.isnan(_accuracy(report, key)) else _accuracy(report, key)
+                           for key, title in columns}
     sections += ["## Targeted attacks (paper table 4)", "",
                  "Accuracy (%) under targeted attacks; '-' where the attack does not apply (a C-output model has "
                  "no dummy classes). The top-k margin attack runs on the survivors of the untargeted attacks.", "",

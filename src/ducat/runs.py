@@ -11,7 +11,7 @@ from torch import nn
 from ducat.checkpoint import CheckpointError, checkpoint_config, classifier_outputs, load_checkpoint, load_weights
 from ducat.config import TrainConfig, config_from_dict
 from ducat.data import dataset_info
-from ducat.dummy import DummyClassModel, make_pairing, widen_model
+from ducat.dummy import make_pairing, widen_model
 from ducat.models import build_model
 
 
@@ -87,6 +87,3 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, dic
     model = load_into_run_model(config, state["model"], str(path))
     return model, config, state
 
-
-def is_dummy_model(model: nn.Module) -> bool:
-    return isinstance(model, DummyClassModel)

@@ -1,4 +1,5 @@
-"""L-infinity PGD, written by hand because it runs inside every training step.
+"""Projected gradient descent in the L-infinity and L2 balls, written by hand because it runs
+inside every training step.
 
 Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018.
 Gradients are taken with respect to the input only (``torch.autograd.grad``), so no parameter
@@ -15,7 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LossName = Literal["ce", "margin", "dlr"]
+Norm = Literal["Linf", "L2"]
+NORMS: tuple[Norm, ...] = ("Linf", "L2")
+LossName = Literal["ce", "margin"]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -25,27 +29,24 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return other - true
 
 
-def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Difference-of-logits-ratio loss to maximise (Croce & Hein, ICML 2020), ``(B,)``.
-
-    Needs at least 3 classes."""
-    top = logits.sort(dim=1, descending=True).values
-    return margin_loss(logits, y) / (top[:, 0] - top[:, 2] + 1e-12)
-
-
 def targeted_margin_loss(logits: torch.Tensor, target: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``z_target - z_y`` to maximise, ``(B,)``."""
     return logits.gather(1, target[:, None]).squeeze(1) - logits.gather(1, y[:, None]).squeeze(1)
 
 
-def _loss_fn(name: LossName) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if name == "ce":
-        return lambda z, y: F.cross_entropy(z.float(), y, reduction="none")
-    if name == "margin":
+def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy in fp32, ``(B,)``."""
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def _loss_fn(loss: LossName | LossFn) -> LossFn:
+    if callable(loss):
+        return loss
+    if loss == "ce":
+        return cross_entropy
+    if loss == "margin":
         return margin_loss
-    if name == "dlr":
-        return dlr_loss
-    raise ValueError(f"unknown attack loss '{name}'; choose ce, margin or dlr")
+    raise ValueError(f"unknown attack loss '{loss}'; choose ce or margin, or pass a function (logits, y) -> (B,)")
 
 
 @contextmanager
@@ -60,24 +61,50 @@ def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         model.train(was_training)
 
 
-def _random_uniform(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    noise = torch.rand(x.shape, generator=generator, device=generator.device if generator else x.device)
-    return (noise.to(x.device, x.dtype) * 2 - 1) * eps
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each example, shaped ``(B, 1, ..., 1)`` to broadcast against ``t``."""
+    return t.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (t.dim() - 1)))
+
+
+def random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator | None) -> torch.Tensor:
+    """A random point of the eps-ball around ``x`` (uniform per coordinate for L-inf; a uniform
+    direction at a uniform radius for L2), clipped to [0,1]."""
+    device = generator.device if generator is not None else x.device
+    if norm == "Linf":
+        delta = (torch.rand(x.shape, generator=generator, device=device) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=device)
+        radius = torch.rand(x.shape[0], generator=generator, device=device).view(-1, *([1] * (x.dim() - 1)))
+        delta = direction / _per_example_norm(direction) * radius * eps
+    return (x + delta.to(x.device, x.dtype)).clamp(0, 1)
+
+
+def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float, step_size: float,
+                norm: Norm) -> torch.Tensor:
+    """One steepest-ascent step for ``norm`` and the projection back onto the eps-ball and [0,1]."""
+    if norm == "Linf":
+        x_adv = x_adv + step_size * grad.sign()
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    x_adv = x_adv + step_size * grad / _per_example_norm(grad)
+    delta = x_adv - x
+    delta = delta * (eps / _per_example_norm(delta)).clamp(max=1.0)
+    return (x + delta).clamp(0, 1)
 
 
 class PGD:
-    r"""L-infinity projected gradient descent with random start.
+    r"""Projected gradient descent with random start, L-inf or L2.
 
     Arguments:
         model: maps inputs in [0,1] ``(B, C, H, W)`` to logits ``(B, K)``.
-        eps: maximum perturbation (L-inf, in [0,1] pixel units). Default 8/255.
-        step_size: step per iteration. Default 2/255.
+        eps: radius of the ball (in [0,1] pixel units; L-inf: max per pixel, L2: Euclidean). Default 8/255.
+        step_size: step per iteration (same units). Default 2/255.
         steps: number of iterations. Default 10.
-        random_start: start from a uniform point in the eps-ball. Default True.
-        loss: ``ce`` (cross-entropy), ``margin`` (CW) or ``dlr``, maximised (untargeted).
+        random_start: start from a random point of the eps-ball. Default True.
+        loss: ``ce`` (cross-entropy), ``margin`` (CW), or a function ``(logits, y) -> (B,)``, maximised.
         targeted: if True, ``attack(x, y, target)`` minimises CE to ``target``, or, with the
             ``margin`` loss, maximises ``z_target - z_y``.
         generator: source of the random start (for reproducibility).
+        norm: ``Linf`` (signed-gradient steps) or ``L2`` (normalised-gradient steps). Default ``Linf``.
 
     Shape:
         x: ``(B, C, H, W)`` in [0,1]; y: ``(B,)`` int64. Returns adversarial x of the same shape,
@@ -96,50 +123,52 @@ class PGD:
         step_size: float = 2 / 255,
         steps: int = 10,
         random_start: bool = True,
-        loss: LossName = "ce",
+        loss: LossName | LossFn = "ce",
         targeted: bool = False,
         generator: torch.Generator | None = None,
+        norm: Norm = "Linf",
     ):
         if eps < 0 or step_size < 0 or steps < 0:
             raise ValueError(f"eps, step_size and steps must be >= 0 (got {eps}, {step_size}, {steps})")
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm '{norm}'; choose Linf or L2")
         self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
-        self.random_start, self.targeted, self.generator = random_start, targeted, generator
-        self.loss_name = loss
+        self.random_start, self.targeted, self.generator, self.norm = random_start, targeted, generator, norm
+        self.loss = loss
         self._loss = _loss_fn(loss)
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         """Per-example quantity the attack maximises, ``(B,)``."""
         if not self.targeted:
             return self._loss(logits, y)
-        if self.loss_name == "margin":
+        if self.loss == "margin":
             return targeted_margin_loss(logits, target, y)
-        return -F.cross_entropy(logits.float(), target, reduction="none")
+        return -cross_entropy(logits, target)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
         if self.targeted and target is None:
             raise ValueError("a targeted PGD needs target labels: attack(x, y, target)")
         x = x.detach()
-        x_adv = x + _random_uniform(x, self.eps, self.generator) if self.random_start else x.clone()
-        x_adv = x_adv.clamp(0, 1)
+        x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x.clone()
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             loss = self.objective(self.model(x_adv), y, target).sum()
             (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + self.step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+            x_adv = ascent_step(x_adv.detach(), grad, x, self.eps, self.step_size, self.norm)
         return x_adv.detach()
 
 
 class TradesAttack:
     """TRADES inner maximisation (Zhang et al., ICML 2019): maximise ``KL(p(x) || p(x'))``.
 
-    Starts at ``x + 0.001 * N(0, 1)`` as the reference code does. Shapes as :class:`PGD`;
-    ``y`` is unused (the attack is label-free).
+    Starts at ``x + 0.001 * N(0, 1)`` as the reference code does. Shapes and ``norm`` as
+    :class:`PGD`; ``y`` is unused (the attack is label-free).
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, step_size: float = 2 / 255, steps: int = 10,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, norm: Norm = "Linf"):
         self.model, self.eps, self.step_size, self.steps, self.generator = model, eps, step_size, steps, generator
+        self.norm = norm
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         x = x.detach()
@@ -153,6 +182,5 @@ class TradesAttack:
             log_p_adv = F.log_softmax(self.model(x_adv).float(), dim=1)
             loss = F.kl_div(log_p_adv, p_clean, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + self.step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0, 1)
+            x_adv = ascent_step(x_adv.detach(), grad, x, self.eps, self.step_size, self.norm)
         return x_adv.detach()

@@ -14,7 +14,8 @@ class MLP(nn.Module):
     def __init__(self, num_classes: int, in_channels: int = 1, hidden: int = 256) -> None:
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(8)
-        self.hidden = nn.Sequential(nn.Linear(in_channels * 64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.hidden = nn.Sequential(nn.Linear(in_channels * 64, hidden), nn.ReLU(),
+                                    nn.Linear(hidden, hidden), nn.ReLU())
         self.fc = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

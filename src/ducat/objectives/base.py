@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ducat.attacks import PGD, eval_mode
+from ducat.config import MethodConfig
 from ducat.dummy import DummyClassModel, OriginalLogits, ducat_loss
 
 AttackMode = Literal["raw", "original", "merged"]
@@ -79,17 +80,25 @@ def dummy_mask_probability(probs: torch.Tensor, y: torch.Tensor, model: nn.Modul
 
 
 class Objective:
-    """Base class: holds the settings and the generator for attack random starts."""
+    """Base class: holds the settings, the generator for attack random starts and the module the training
+    forward pass runs through (``forward_module``, e.g. ``DistributedDataParallel(model)``; default the model).
+    ``label`` is the method's name in tables."""
 
-    name = "base"
+    label = "base"
 
-    def __init__(self, attack: AttackSettings, ducat: DucatSettings, generator: torch.Generator | None = None):
-        self.attack, self.ducat, self.generator = attack, ducat, generator
-        self.train_module: nn.Module | None = None  # e.g. DistributedDataParallel(model), set by the trainer
+    def __init__(self, attack: AttackSettings, ducat: DucatSettings, generator: torch.Generator | None = None,
+                 forward_module: nn.Module | None = None):
+        self.attack, self.ducat, self.generator, self.forward_module = attack, ducat, generator, forward_module
+
+    @classmethod
+    def from_config(cls, method: MethodConfig, attack: AttackSettings, ducat: DucatSettings,
+                    generator: torch.Generator | None, forward_module: nn.Module | None = None) -> "Objective":
+        """The objective with the method's own hyper-parameters from ``method``."""
+        return cls(attack, ducat, generator, forward_module)
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The training forward pass (through ``train_module`` when set; attacks use ``model``)."""
-        return (self.train_module or model)(x)
+        """The training forward pass (through ``forward_module`` when set; attacks use ``model``)."""
+        return (self.forward_module or model)(x)
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD on CE over the attacked view of the model, BatchNorm per ``attack.bn_eval``."""

@@ -26,11 +26,16 @@ def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: 
 
 
 class ConsistencyAT(Objective):
-    name = "consistency"
+    label = "Consistency-AT"
 
     def __init__(self, *args, lam: float = 1.0, temperature: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.lam, self.temperature = lam, temperature
+
+    @classmethod
+    def from_config(cls, method, attack, ducat, generator, forward_module=None):
+        return cls(attack, ducat, generator, forward_module, lam=method.consistency_lambda,
+                   temperature=method.consistency_temperature)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:

@@ -21,11 +21,16 @@ from ducat.objectives.trades import kl_clean_adv
 
 
 class MART(Objective):
-    name = "mart"
+    label = "MART"
 
     def __init__(self, *args, beta: float = 6.0, exclude_dummy: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta, self.exclude_dummy = beta, exclude_dummy
+
+    @classmethod
+    def from_config(cls, method, attack, ducat, generator, forward_module=None):
+        return cls(attack, ducat, generator, forward_module, beta=method.mart_beta,
+                   exclude_dummy=method.mart_exclude_dummy)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:

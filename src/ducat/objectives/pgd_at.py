@@ -13,7 +13,7 @@ from ducat.objectives.base import Augment, Objective, StepOutput
 
 
 class PGDAT(Objective):
-    name = "pgd_at"
+    label = "PGD-AT"
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:

@@ -22,11 +22,15 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
 
 
 class TRADES(Objective):
-    name = "trades"
+    label = "TRADES"
 
     def __init__(self, *args, beta: float = 6.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.beta = beta
+
+    @classmethod
+    def from_config(cls, method, attack, ducat, generator, forward_module=None):
+        return cls(attack, ducat, generator, forward_module, beta=method.trades_beta)
 
     def plain_classification(self, logits_clean, logits_adv, y):
         return F.cross_entropy(logits_clean.float(), y)

@@ -1,0 +1,97 @@
+"""Entry points: :func:`evaluate` a model on tensors, :func:`evaluate_checkpoint` a run or checkpoint file."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ducat.attacks import eval_mode
+from ducat.checkpoint import CheckpointError, load_checkpoint, load_weights
+from ducat.config import ConfigError
+from ducat.data import dataset_info, load_split
+from ducat.dummy import DummyClassModel
+from ducat.eval.plan import EvalSettings, build_plan
+from ducat.eval.report import EvalReport, build_report, write_report
+from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+             cache_dir: str | Path | None = None, progress: bool = True,
+             provenance: dict[str, Any] | None = None) -> EvalReport:
+    """Evaluate ``model`` (a :class:`~ducat.dummy.DummyClassModel` or any C-class classifier taking [0,1]
+    inputs) on ``x`` ``(N, C, H, W)`` in [0,1] with labels ``y`` ``(N,)``.
+
+    Runs :func:`~ducat.eval.plan.build_plan`'s attacks with the model in eval mode (its mode is restored
+    afterwards). ``cache_dir`` keeps every finished attack, so a rerun resumes."""
+    start = time.perf_counter()
+    if settings.n_examples is not None:
+        x, y = x[:settings.n_examples], y[:settings.n_examples]
+    is_dummy = isinstance(model, DummyClassModel)
+    plan = build_plan(settings, is_dummy)
+    cache = ResultCache(None if cache_dir is None else Path(cache_dir), run_fingerprint(model, x, y, settings), len(y))
+    with eval_mode(model):
+        outcome = run_plan(plan, model, x, y, settings, cache, print_progress(progress))
+    dummy_index = model.dummy_index.cpu().numpy() if is_dummy else None
+    report = build_report(plan, outcome, y.cpu().numpy(), settings, dummy_index, time.perf_counter() - start)
+    report.provenance = provenance or {}
+    return report
+
+
+def load_target(target: Path, dataset: str | None = None,
+                model_name: str | None = None) -> tuple[nn.Module, str, float | None, dict[str, Any]]:
+    """(model, dataset name, training eps or None, checkpoint facts) for a run directory, a ducat
+    checkpoint, or a foreign state dict (``model_name`` and ``dataset`` given)."""
+    from ducat.models import build_model
+    from ducat.runs import model_from_checkpoint
+
+    if not target.exists():
+        raise CheckpointError(f"checkpoint '{target}' does not exist")
+    if model_name is None:
+        model, config, state = model_from_checkpoint(target)
+        return model, config.data.dataset, config.attack.eps, {"epoch": state.get("epoch")}
+    if dataset is None:
+        raise ConfigError("--model needs --dataset (the model's classes and input shape come from it)")
+    info = dataset_info(dataset)
+    model = build_model(model_name, info.num_classes, info.in_channels)
+    weights = load_checkpoint(target)["model"]
+    load_weights(model if any(k.startswith("net.") for k in weights) else model.net, weights, str(target))
+    return model, dataset, None, {}
+
+
+def default_output(target: Path) -> Path:
+    """``RUN_DIR/eval`` for a run directory, ``<checkpoint's directory>/eval`` for a file."""
+    return (target if target.is_dir() else target.parent) / "eval"
+
+
+def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, eps: float | None = None,
+                        settings: dict[str, Any] | None = None, data_root: str | None = None,
+                        dataset: str | None = None, model_name: str | None = None, device: str = "auto",
+                        progress: bool = True) -> EvalReport:
+    """Evaluate a run directory or checkpoint on its dataset's test split and write the report files.
+
+    ``eps`` defaults to the run's training eps; ``settings`` are further :class:`EvalSettings` fields."""
+    from ducat.runs import select_device
+
+    target = Path(target)
+    EvalSettings(eps=eps or 1.0, **(settings or {}))  # names and values checked before any loading
+    if dataset is not None:
+        dataset_info(dataset)
+    model, dataset, train_eps, facts = load_target(target, dataset, model_name)
+    eps = eps if eps is not None else train_eps
+    if eps is None:
+        raise ConfigError("give --eps for a checkpoint without a ducat config")
+    config = EvalSettings(eps=eps, **(settings or {}))
+    test = load_split(dataset, data_root, train=False)
+    n = len(test) if config.n_examples is None else min(config.n_examples, len(test))
+    dev = select_device(device)
+    x, y = (test.images[:n].float() / 255).to(dev), test.labels[:n].to(dev)
+    out = Path(out) if out is not None else default_output(target)
+    report = evaluate(model.to(dev), x, y, config, cache_dir=out / "eval_cache", progress=progress,
+                      provenance={"command": " ".join(sys.argv)})
+    write_report(report, out)
+    return report

@@ -1,0 +1,254 @@
+"""The evaluation as data: which attacks run, on which view of the model, on which examples, scored how.
+
+Modelled on AutoAttack's ``attacks_to_run``, but typed. :func:`build_plan` returns the ordered list
+of :class:`AttackSpec`; :mod:`ducat.eval.runner` runs any such list with one loop. Adding an attack
+means one spec here and its factory in :mod:`ducat.eval.attacks`. Results are keyed by
+:attr:`AttackSpec.key`, and so is everything that reads them (reports, ``ducat reproduce``).
+
+Protocols (``docs/method.md``, "Evaluation protocols"):
+
+- ``paper``: the released code's evaluation. Attacks maximise CE on the raw 2C logits; predictions
+  are scored after the projection, so an input pushed into the dummy class of its own label counts
+  as defended.
+- ``raw-autoattack``: the released code's AutoAttack call: AutoAttack on the raw 2C logits and no
+  projection anywhere (a dummy prediction counts as an error). Kept only to reproduce that path.
+- ``adaptive``: attacks that know the defense, on the projected classifier itself (max- or
+  logsumexp-merged logits) or on the raw logits with a dummy-aware loss.
+
+For a model without dummy classes the protocols coincide: only the adaptive specs run, and the
+report lists each of them under both protocols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Callable
+
+from ducat.attacks import NORMS, Norm
+from ducat.config import ConfigError
+
+if TYPE_CHECKING:
+    from ducat.eval.attacks import AttackContext, Craft
+
+
+class Protocol(str, Enum):
+    PAPER = "paper"
+    RAW_AUTOATTACK = "raw-autoattack"
+    ADAPTIVE = "adaptive"
+
+
+class View(str, Enum):
+    """The function of the input an attack takes its gradients from."""
+
+    RAW = "raw 2C logits"
+    ORIGINAL = "original C logits"
+    MAX_MERGED = "projected classifier (max-merged logits)"
+    LSE_MERGED = "logsumexp-merged logits"
+
+
+class Scope(str, Enum):
+    CLEAN_CORRECT = "every clean-correct example"
+    SURVIVORS = "examples robust to every attack before it"
+
+
+class Scoring(str, Enum):
+    PROJECTED = "projected prediction (deployed classifier)"
+    RAW_ARGMAX = "raw 2C argmax (a dummy prediction is an error)"
+
+
+class AttackId(str, Enum):
+    PAPER_PGD10 = "paper-pgd10"
+    PAPER_PGD100 = "paper-pgd100"
+    PAPER_AUTOATTACK = "paper-autoattack"
+    RAW_AUTOATTACK = "raw-autoattack"
+    PAPER_TARGETED_ORIGINAL = "paper-targeted-original"
+    PAPER_TARGETED_DUMMY = "paper-targeted-dummy"
+    PAPER_ORIGINAL_LOGITS = "paper-original-logits"
+    PGD10 = "adaptive-pgd10"
+    PGD100 = "adaptive-pgd100"
+    AUTOATTACK = "adaptive-autoattack"
+    TARGETED_ORIGINAL = "adaptive-targeted-original"
+    DAWA = "adaptive-dawa"
+    LSE_PGD100 = "adaptive-lse-pgd100"
+    LSE_AUTOATTACK = "adaptive-lse-autoattack"
+    MARGIN = "adaptive-margin"
+    TARGETED_TOP = "adaptive-targeted-top"
+
+
+# On a model without dummy classes the paper's attack *is* the adaptive one; reports list it under both ids.
+PAPER_COUNTERPART = {AttackId.PGD10: AttackId.PAPER_PGD10, AttackId.PGD100: AttackId.PAPER_PGD100,
+                     AttackId.AUTOATTACK: AttackId.PAPER_AUTOATTACK,
+                     AttackId.TARGETED_ORIGINAL: AttackId.PAPER_TARGETED_ORIGINAL}
+
+ATTACK_NAMES = ("pgd10", "pgd100", "autoattack", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
+FAST_ATTACKS = ("pgd10", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
+SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What to run. ``eps`` is the radius in [0,1] pixel units for ``norm`` (L-inf or L2);
+    ``step_size`` defaults to eps/4. ``attacks`` selects by :data:`ATTACK_NAMES`."""
+
+    eps: float
+    norm: Norm = "Linf"
+    attacks: tuple[str, ...] = ATTACK_NAMES
+    protocols: tuple[Protocol, ...] = tuple(Protocol)
+    n_examples: int | None = None
+    batch_size: int = 256
+    seed: int = 0
+    early_stop: bool = True
+    step_size: float | None = None
+    margin_restarts: int = 2
+    n_targets: int = 9
+    dawa_weights: tuple[float, ...] = (0.25, 0.5, 0.75)
+    dawa_steps: int = 100
+
+    def __post_init__(self) -> None:
+        if not self.eps > 0:
+            raise ConfigError(f"eps must be > 0, got {self.eps}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"unknown norm '{self.norm}'; choose one of: {', '.join(NORMS)}")
+        unknown = [a for a in self.attacks if a not in ATTACK_NAMES]
+        if unknown:
+            raise ConfigError(f"unknown attack '{unknown[0]}'; choose from: {', '.join(ATTACK_NAMES)}")
+        try:
+            object.__setattr__(self, "protocols", tuple(Protocol(p) for p in self.protocols))
+        except ValueError as exc:
+            raise ConfigError(f"{exc}; choose from: {', '.join(p.value for p in Protocol)}") from None
+        if self.batch_size < 1 or (self.n_examples is not None and self.n_examples < 1):
+            raise ConfigError("batch size and n_examples must be >= 1")
+        if self.margin_restarts < 1 or self.n_targets < 1 or self.dawa_steps < 1:
+            raise ConfigError("margin_restarts, n_targets and dawa_steps must be >= 1")
+        if not self.dawa_weights or not all(0.0 <= w <= 1.0 for w in self.dawa_weights):
+            raise ConfigError(f"dawa_weights must be in [0, 1], got {self.dawa_weights}")
+
+    @property
+    def step(self) -> float:
+        return self.step_size if self.step_size is not None else self.eps / 4
+
+    def budget(self, eps_factor: float) -> float:
+        """The radius at ``eps_factor`` times eps (an L-inf radius is at most 1: the whole [0,1] box)."""
+        eps = self.eps * eps_factor
+        return min(1.0, eps) if self.norm == "Linf" else eps
+
+
+Factory = Callable[["AttackContext"], "Craft"]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One attack of the plan. ``factory(context)`` returns ``craft(x, y, seed) -> x_adv``.
+
+    ``rescores``: reuse the adversarial predictions of that attack (same inputs) with this spec's
+    ``scoring`` instead of crafting anew. ``eps_factor`` scales the budget (the eps sweep).
+    """
+
+    id: AttackId
+    protocol: Protocol
+    view: View
+    label: str
+    factory: Factory | None
+    scope: Scope = Scope.CLEAN_CORRECT
+    scoring: Scoring = Scoring.PROJECTED
+    eps_factor: float = 1.0
+    rescores: AttackId | None = None
+    note: str = field(default="", compare=False)
+
+    @property
+    def key(self) -> str:
+        """Unique name of the result: the id, plus the budget when it is not the evaluation's."""
+        return self.id.value if self.eps_factor == 1.0 else f"{self.id.value}@eps-x{self.eps_factor:g}"
+
+    @property
+    def in_worst_case(self) -> bool:
+        """Whether the per-example worst case counts this result (deployed scoring at the evaluation eps)."""
+        return self.scoring is Scoring.PROJECTED and self.eps_factor == 1.0
+
+
+def build_plan(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+    """The ordered attack sequence for ``settings`` on a model with (``is_dummy``) or without dummy classes.
+
+    Standalone attacks (on every clean-correct example) come first; then, on a DUCAT model, the
+    cumulative adaptive attacks (on the survivors of everything before them when ``early_stop``);
+    then the eps sweep."""
+    from ducat.eval import attacks as a
+
+    has = settings.attacks.__contains__
+    s = settings
+    plan: list[AttackSpec] = []
+    if is_dummy and Protocol.PAPER in s.protocols:
+        paper = Protocol.PAPER
+        plan += [AttackSpec(AttackId.PAPER_PGD10, paper, View.RAW, "PGD-10", a.pgd(View.RAW, 10))] * has("pgd10")
+        plan += [AttackSpec(AttackId.PAPER_PGD100, paper, View.RAW, "PGD-100", a.pgd(View.RAW, 100))] * has("pgd100")
+        if has("autoattack"):
+            plan.append(AttackSpec(AttackId.PAPER_AUTOATTACK, paper, View.RAW, "AutoAttack", a.autoattack(View.RAW),
+                                   note="attacks the raw 2C logits, scored after the projection"))
+            if Protocol.RAW_AUTOATTACK in s.protocols:
+                plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, View.RAW,
+                                       "AutoAttack, raw 2C argmax", None, scoring=Scoring.RAW_ARGMAX,
+                                       rescores=AttackId.PAPER_AUTOATTACK, note="the released code's call"))
+        if has("targeted"):
+            plan += [
+                AttackSpec(AttackId.PAPER_TARGETED_ORIGINAL, paper, View.RAW, "targeted PGD-10 (original classes)",
+                           a.targeted_random(View.RAW, dummy_targets=False)),
+                AttackSpec(AttackId.PAPER_TARGETED_DUMMY, paper, View.RAW, "targeted PGD-10 (dummy classes)",
+                           a.targeted_random(View.RAW, dummy_targets=True)),
+                AttackSpec(AttackId.PAPER_ORIGINAL_LOGITS, paper, View.ORIGINAL, "PGD-10 on original logits",
+                           a.pgd(View.ORIGINAL, 10))]
+    if Protocol.ADAPTIVE in s.protocols or not is_dummy:
+        plan += _adaptive(settings, is_dummy)
+    if has("eps-sweep"):
+        plan += _sweep(settings, is_dummy)
+    return plan
+
+
+def _adaptive(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+    from ducat.eval import attacks as a
+
+    has, s, adaptive, projected = settings.attacks.__contains__, settings, Protocol.ADAPTIVE, View.MAX_MERGED
+    later = Scope.SURVIVORS if s.early_stop else Scope.CLEAN_CORRECT
+    note = "cumulative: run on survivors of the attacks above" if s.early_stop else ""
+    plan = [AttackSpec(AttackId.PGD10, adaptive, projected, "PGD-10", a.pgd(projected, 10))] * has("pgd10")
+    plan += [AttackSpec(AttackId.PGD100, adaptive, projected, "PGD-100", a.pgd(projected, 100))] * has("pgd100")
+    plan += [AttackSpec(AttackId.AUTOATTACK, adaptive, projected, "AutoAttack", a.autoattack(projected))] * has(
+        "autoattack")
+    plan += [AttackSpec(AttackId.TARGETED_ORIGINAL, adaptive, projected, "targeted PGD-10 (original classes)",
+                        a.targeted_random(projected, dummy_targets=False))] * has("targeted")
+    if is_dummy and has("dawa"):
+        weights = ", ".join(f"{w:g}" for w in s.dawa_weights)
+        plan.append(AttackSpec(AttackId.DAWA, adaptive, View.RAW, f"DAWA-style PGD-{s.dawa_steps}, w in {{{weights}}}",
+                               a.dawa(), note="w CE(z, y) + (1-w) CE(z, dummy(y)) on raw 2C logits; "
+                                              "first success over the weights"))
+    if is_dummy and has("logsumexp"):
+        lse = View.LSE_MERGED
+        plan.append(AttackSpec(AttackId.LSE_PGD100, adaptive, lse, "PGD-100, logsumexp-merged gradients",
+                               a.pgd(lse, 100), scope=later, note=note))
+        plan += [AttackSpec(AttackId.LSE_AUTOATTACK, adaptive, lse, "AutoAttack, logsumexp-merged gradients",
+                            a.autoattack(lse), scope=later, note=note)] * has("autoattack")
+    plan += [AttackSpec(AttackId.MARGIN, adaptive, projected, f"PGD-100 margin, {s.margin_restarts} restarts",
+                        a.margin_restarts(), scope=later, note=note)] * has("margin")
+    plan += [AttackSpec(AttackId.TARGETED_TOP, adaptive, projected,
+                        f"PGD-100 targeted margin, top-{s.n_targets} classes", a.targeted_top(),
+                        scope=later, note=note)] * has("targeted")
+    return plan
+
+
+def _sweep(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+    """PGD-10 at eps x each factor; at x1 it is the PGD-10 row itself (same spec, same seeds)."""
+    from ducat.eval import attacks as a
+
+    specs = [(AttackId.PGD10, Protocol.ADAPTIVE, View.MAX_MERGED)]
+    if is_dummy and Protocol.PAPER in settings.protocols:
+        specs.append((AttackId.PAPER_PGD10, Protocol.PAPER, View.RAW))
+    plan, budgets = [], set()
+    for factor in SWEEP_FACTORS:
+        if settings.budget(factor) in budgets:
+            continue  # an L-inf radius saturates at 1
+        budgets.add(settings.budget(factor))
+        for attack_id, protocol, view in specs:
+            if factor == 1.0 and attack_id.value.split("-", 1)[1] in settings.attacks:
+                continue  # already in the plan
+            plan.append(AttackSpec(attack_id, protocol, view, "PGD-10", a.pgd(view, 10), eps_factor=factor))
+    return plan

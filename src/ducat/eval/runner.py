@@ -1,0 +1,207 @@
+"""One generic loop over an attack plan, with per-example early stopping and an on-disk cache as its state.
+
+For every :class:`~ducat.eval.plan.AttackSpec` in order: pick the examples it attacks (its scope),
+craft adversarial inputs batch by batch with seeds derived from the spec's key, score them, and fold
+the result into the per-example worst case. Every finished attack is written to the cache, so an
+interrupted evaluation resumes where it stopped and gives the same report.
+
+A cached result is used only when everything that determines it is the same: the model's weights,
+the inputs and labels, the settings, the code (:func:`code_version`) and the spec's key; and only if
+it attacked every example asked for now. A cache file that does not read back as such a result is
+ignored and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ducat.attacks import predictions
+from ducat.eval.attacks import AttackContext, model_views
+from ducat.eval.plan import AttackSpec, EvalSettings, Scope, Scoring
+from ducat.fileio import atomic_write_bytes
+
+
+@dataclass
+class AttackResult:
+    """Per-example outcome of one attack, numpy ``(N,)`` arrays: ``robust`` (bool; False where not attacked),
+    ``raw`` and ``projected`` predictions on the adversarial input (-1 where not attacked), ``attacked``."""
+
+    robust: np.ndarray
+    raw: np.ndarray
+    projected: np.ndarray
+    attacked: np.ndarray
+
+    def restricted(self, on: np.ndarray) -> "AttackResult":
+        """This result seen on the examples ``on`` only (a cached run may have attacked more)."""
+        return AttackResult(self.robust & on, np.where(on, self.raw, -1), np.where(on, self.projected, -1), on.copy())
+
+
+@dataclass
+class Outcome:
+    """Everything the plan produced: clean correctness and raw clean predictions ``(N,)``, each spec's
+    result by key, the per-example worst case over the specs that count, and AutoAttack's logs by key."""
+
+    clean: np.ndarray
+    clean_raw: np.ndarray
+    results: dict[str, AttackResult]
+    worst: np.ndarray
+    logs: dict[str, list[str]]
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the code that produces attack results: ducat's attack, eval, model and dummy-class sources,
+    and the torch and pyautoattack versions."""
+    from importlib.metadata import version
+
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256(f"torch {torch.__version__}, pyautoattack {version('pyautoattack')}".encode())
+    for path in sorted([*root.glob("attacks/*.py"), *root.glob("eval/*.py"), *root.glob("models/*.py"),
+                        root / "dummy.py"]):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        digest.update(f"{tuple(t.shape)} {t.dtype}".encode())
+        digest.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names and values)."""
+    state = sorted(model.state_dict().items())
+    return hashlib.sha256("".join(name + tensor_digest(value) for name, value in state).encode()).hexdigest()
+
+
+def seed_for(settings: EvalSettings, spec: AttackSpec, first_index: int) -> int:
+    """The seed of one batch of one attack: derived from the evaluation seed, the spec's key and the
+    batch's first example, so attacks are independent of each other and of the plan's order (63 bits)."""
+    digest = hashlib.sha256(f"{settings.seed}/{spec.key}/{first_index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+class ResultCache:
+    """Attack results on disk, one ``.npz`` per spec, named by its key and the run's fingerprint."""
+
+    FIELDS = ("robust", "raw", "projected", "attacked")
+
+    def __init__(self, directory: Path | None, fingerprint: str, n: int):
+        self.directory, self.fingerprint, self.n = directory, fingerprint, n
+
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}-{self.fingerprint[:24]}.npz"
+
+    def get(self, key: str, on: np.ndarray) -> AttackResult | None:
+        """The cached result restricted to ``on``, or None (missing, unreadable, or did not attack all of ``on``)."""
+        if self.directory is None or not self._path(key).is_file():
+            return None
+        try:
+            with np.load(self._path(key), allow_pickle=False) as data:
+                arrays = {name: data[name] for name in self.FIELDS}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        if any(a.shape != (self.n,) for a in arrays.values()) or arrays["robust"].dtype != bool \
+                or arrays["attacked"].dtype != bool:
+            return None
+        if (on & ~arrays["attacked"]).any():
+            return None
+        return AttackResult(**arrays).restricted(on)
+
+    def put(self, key: str, result: AttackResult) -> None:
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        np.savez(buffer, **asdict(result))
+        atomic_write_bytes(self._path(key), buffer.getvalue())
+
+
+def run_fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings) -> str:
+    """What every cached result of one evaluation depends on, hashed."""
+    fields = {k: v for k, v in asdict(settings).items() if k not in ("attacks", "protocols", "n_examples")}
+    text = json.dumps([model_fingerprint(model), tensor_digest(x, y), fields, code_version()], default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+             cache: ResultCache, progress: Callable[[str, int, int], None] = lambda *a: None) -> Outcome:
+    """Run ``plan`` on ``model`` (eval mode) and ``(x, y)``: ``x`` ``(N, C, H, W)`` in [0,1], ``y`` ``(N,)``."""
+    projected, raw = predictions(model, x, settings.batch_size)
+    clean = (projected == y).cpu().numpy()
+    labels = y.cpu().numpy()
+    views = model_views(model)
+    results: dict[str, AttackResult] = {}
+    logs: dict[str, list[str]] = {}
+    worst = clean.copy()
+    for number, spec in enumerate(plan, start=1):
+        progress(spec.key, number, len(plan))
+        if spec.rescores is not None:
+            source = results[spec.rescores.value]
+            result = AttackResult((source.raw == labels) & source.attacked, source.raw, source.projected,
+                                  source.attacked)
+        else:
+            on = worst.copy() if spec.scope is Scope.SURVIVORS else clean.copy()
+            result = cache.get(spec.key, on)
+            if result is None:
+                context = AttackContext(model, views, settings, settings.budget(spec.eps_factor),
+                                        logs.setdefault(spec.key, []))
+                result = _attack(spec, context, x, y, on)
+                cache.put(spec.key, result)
+        results[spec.key] = result
+        if spec.in_worst_case:
+            worst &= result.robust | ~clean
+    return Outcome(clean, raw.cpu().numpy(), results, worst, logs)
+
+
+def _attack(spec: AttackSpec, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, on: np.ndarray) -> AttackResult:
+    """Craft and score ``spec`` on the examples ``on``, batch by batch."""
+    n = len(y)
+    result = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64), on.copy())
+    craft = spec.factory(ctx)
+    index = np.flatnonzero(on)
+    for start in range(0, len(index), ctx.settings.batch_size):
+        batch = index[start:start + ctx.settings.batch_size]
+        idx = torch.as_tensor(batch, device=x.device)
+        x_adv = craft(x[idx], y[idx], seed_for(ctx.settings, spec, int(batch[0])))
+        _check_budget(spec, x_adv, x[idx], ctx)
+        projected, raw = predictions(ctx.model, x_adv, ctx.settings.batch_size)
+        correct = projected == y[idx] if spec.scoring is Scoring.PROJECTED else raw == y[idx]
+        result.robust[batch] = correct.cpu().numpy()
+        result.raw[batch], result.projected[batch] = raw.cpu().numpy(), projected.cpu().numpy()
+    return result
+
+
+def _check_budget(spec: AttackSpec, x_adv: torch.Tensor, x: torch.Tensor, ctx: AttackContext) -> None:
+    """An attack that leaves the eps-ball or [0,1] is a bug, never a silent pass."""
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if ctx.settings.norm == "Linf" else delta.norm(dim=1)
+    if len(size) and (size.max().item() > ctx.eps * (1 + 1e-4) + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1):
+        raise RuntimeError(f"attack {spec.key} left the {ctx.settings.norm} eps-ball or [0,1]")
+
+
+def print_progress(enabled: bool) -> Callable[[str, int, int], None]:
+    """One line per attack on stderr (a log file stays readable), with the time since the evaluation started."""
+    started = time.perf_counter()
+
+    def report(key: str, number: int, total: int) -> None:
+        if enabled:
+            print(f"[{time.perf_counter() - started:6.0f} s] attack {number}/{total}: {key}", file=sys.stderr)
+    return report

@@ -1,0 +1,196 @@
+"""The epoch loop: every base method, with or without DUCAT, from scratch, fine-tuned, forked or resumed."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ducat.config import TrainConfig
+from ducat.data import TensorLoader, dataset_info, random_crop_flip
+from ducat.distributed import context_from_env
+from ducat.dummy import DummyClassModel, project_predictions
+from ducat.runs import select_device
+from ducat.train.progress import EpochProgress
+from ducat.train.setup import (
+    build_model,
+    build_objective,
+    build_optimizer,
+    checkpoint_state,
+    ducat_active,
+    learning_rate,
+    load_data,
+    wrap_distributed,
+)
+from ducat.train.state import RunError, RunResult, RunState
+from ducat.train.validate import validate_model
+
+
+def predict(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Deployed prediction from logits: projected for a DUCAT model, argmax otherwise; ``(B,)``."""
+    if isinstance(model, DummyClassModel):
+        return project_predictions(logits, model.dummy_index)
+    return logits.argmax(dim=1)
+
+
+class Trainer:
+    """Runs one training configuration: ``Trainer(config).run()``; ``resume=True`` continues the run in
+    ``config.run.out`` from its last checkpoint. Process-wide settings (threads, determinism) are the
+    caller's: see :func:`ducat.train.setup.setup_runtime`."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
+        self.config, self.resume, self.log = config, resume, log
+        self.state = RunState(config, log)
+        self.state.check(resume)
+        try:
+            self.device = select_device(config.run.device)  # a CUDA device on a machine without one
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        self.dist = context_from_env(config.run.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.info = dataset_info(config.data.dataset)
+        self.model = build_model(config, resume, log).to(self.device)  # checkpoint errors before any data
+        self.train_data, self.val_data, self.test_data = load_data(config, self.device)
+        if config.run.sync_bn and self.dist.enabled:
+            if self.device.type != "cuda":
+                raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        if self._channels_last():
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.optimizer = build_optimizer(self.model, config)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        self.start_epoch = config.finetune.start_epoch if config.finetune.checkpoint else 1
+        if resume:
+            self._restore()
+        if config.run.compile:
+            self.model.compile()  # in place: state_dict keys and isinstance checks are unchanged
+        self.objective = build_objective(config, self.generator, wrap_distributed(self.model, self.dist, self.device))
+
+    def _channels_last(self) -> bool:
+        setting = self.config.run.channels_last
+        return setting == "on" or (setting == "auto" and self.device.type == "cuda")
+
+    def autocast(self):
+        amp = self.config.run.amp
+        use = amp == "bf16" or (amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
+
+    def _restore(self) -> None:
+        state = self.state.restore()
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["rng"]["generator"].to("cpu"))
+        self.start_epoch = state["epoch"] + 1
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.config.data
+        return random_crop_flip(x, d.crop_padding, d.flip, self.generator) if d.augment else x
+
+    def train_epoch(self, epoch: int, progress: Any = None) -> dict[str, float]:
+        """One epoch of training; the epoch's training statistics (summed over ranks)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(epoch, self.config)
+        active = ducat_active(epoch, self.config)
+        loader = TensorLoader(self.train_data, self.config.data.batch_size, shuffle=True, generator=self.generator)
+        self.model.train()
+        totals = torch.zeros(4, device=self.device)  # loss sum, adv correct, clean correct, clean seen
+        seen = 0
+        check_every = 1 if self.device.type == "cpu" else 50
+        for step, (x, y) in enumerate(loader, start=1):
+            if self.dist.enabled:  # every rank drew the same global batch; train on this rank's share
+                mine = self.dist.shard(len(y))
+                x, y = x[mine], y[mine]
+            if self._channels_last():
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast():
+                out = self.objective(self.model, x, y, ducat_active=active, augment=self._augment)
+            self.optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            if step % check_every == 0 and not torch.isfinite(out.loss):
+                raise RunError(f"non-finite loss ({out.loss.item()}) at epoch {epoch}, step {step}; "
+                               + self.state.last_good())
+            self.optimizer.step()
+            with torch.no_grad():
+                totals[0] += out.loss.detach().float() * len(y)
+                totals[1] += (predict(self.model, out.logits_adv) == y).sum()
+                if out.logits_clean is not None:
+                    totals[2] += (predict(self.model, out.logits_clean) == y).sum()
+                    totals[3] += len(y)
+            seen += len(y)
+            if progress is not None:
+                progress.step()
+        local_seen = seen
+        totals = self.dist.all_reduce_sum(torch.cat([totals, torch.tensor([seen], device=self.device)]))
+        loss, adv, clean, clean_n, seen = totals.tolist()
+        if not math.isfinite(loss):
+            raise RunError(f"non-finite loss in epoch {epoch}; " + self.state.last_good())
+        return {"train_loss": loss / seen, "train_adv_acc": adv / seen,
+                "train_clean_acc": clean / clean_n if clean_n else float("nan"),
+                "world_size": self.dist.world_size, "rank0_images": local_seen}
+
+    def validate(self) -> tuple[dict[str, Any], float]:
+        """The epoch's validation columns and the score that selects the best checkpoint."""
+        c = self.config
+        eval_split = self.val_data if len(self.val_data) else self.test_data
+        metrics = validate_model(self.model, eval_split, c, dist=self.dist)
+        row = {f"val_{k}": v for k, v in metrics.items()}
+        if c.validation.select != "test" or eval_split is self.test_data:
+            return row, metrics["pgd_acc"]
+        test_metrics = validate_model(self.model, self.test_data, c, dist=self.dist)
+        return row | {f"test_{k}": v for k, v in test_metrics.items()}, test_metrics["pgd_acc"]
+
+    def run(self, until_epoch: int | None = None) -> RunResult | None:
+        """Train from the start epoch to the last (or to ``until_epoch``, leaving the run resumable and
+        unfinished: ``None`` is returned). Returns the finished run's result."""
+        c, main = self.config, self.dist.is_main
+        last_epoch = c.optim.epochs if until_epoch is None else min(until_epoch, c.optim.epochs)
+        if main:
+            self.state.begin(self.resume, self.start_epoch)
+        started = time.perf_counter() - self.state.elapsed_s
+        steps = math.ceil(len(self.train_data) / c.data.batch_size)
+        progress = EpochProgress(c.run.progress and main, steps, last_epoch, self.log, self.state.run_dir,
+                                 c.run.tensorboard and main)
+        last: dict[str, Any] = {}
+        with progress:
+            for epoch in range(self.start_epoch, last_epoch + 1):
+                last = self._epoch(epoch, progress, started)
+        self.dist.barrier()  # rank 0's last checkpoint is on disk before any rank returns
+        wall_time = time.perf_counter() - started
+        if until_epoch is not None and last_epoch < c.optim.epochs:
+            return None
+        if not main:
+            return RunResult(self.state.run_dir, c.optim.epochs, self.state.best_epoch, last, last, wall_time)
+        return self.state.finish(last, wall_time)
+
+    def _epoch(self, epoch: int, progress: EpochProgress, started: float) -> dict[str, Any]:
+        c, state = self.config, self.state
+        progress.start_epoch(epoch)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"epoch": epoch, "lr": learning_rate(epoch, c), "ducat_active": ducat_active(epoch, c)}
+        row.update(self.train_epoch(epoch, progress))
+        row["epoch_time_s"] = time.perf_counter() - t0
+        row["train_images_per_s"] = len(self.train_data) / row["epoch_time_s"]
+        metrics, score = self.validate()
+        row.update(metrics)
+        # A DUCAT run's best checkpoint is chosen among its DUCAT epochs: earlier epochs are the plain
+        # base method and would make "the DUCAT model" a PGD-AT model in disguise.
+        eligible = not c.ducat.enabled or epoch >= c.ducat.start_epoch
+        improved = eligible and (c.validation.select == "last" or score >= state.best_metric)
+        if improved:
+            state.best_metric, state.best_epoch = score, epoch
+        row["best_epoch"] = state.best_epoch
+        if self.dist.is_main:
+            # The metrics row goes first: a crash before the checkpoint re-runs this epoch on resume
+            # (rows past the checkpoint are dropped), never a checkpoint without its row.
+            state.append_metrics(row)
+            progress_fields = {"best_metric": state.best_metric, "best_epoch": state.best_epoch,
+                               "wall_time_s": time.perf_counter() - started}
+            state.save(epoch, improved, checkpoint_state(self.model, self.optimizer, self.generator, epoch, c,
+                                                         progress_fields, self.info.num_classes))
+            progress.end_epoch(row)
+        return row

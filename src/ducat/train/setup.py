@@ -1,0 +1,96 @@
+"""What a run is built from: the schedule, the objective, the model, the data, the optimizer, the DDP wrapper,
+and the process-wide runtime settings (set by the caller, never by a constructor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ducat.checkpoint import load_checkpoint
+from ducat.config import RunConfig, TrainConfig
+from ducat.data import TensorData, load_split, split_train_val
+from ducat.distributed import DistContext
+from ducat.objectives import METHODS, AttackSettings, DucatSettings, Objective
+from ducat.runs import build_run_model, load_into_run_model
+
+
+def setup_runtime(run: RunConfig) -> None:
+    """Process-wide torch settings of a run: intra-op threads and deterministic algorithms. The CLI calls
+    this once before training; a library user calls it (or not) themselves."""
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    if run.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def learning_rate(epoch: int, config: TrainConfig) -> float:
+    """lr of 1-based ``epoch``: ``lr * gamma ** (number of milestones m with epoch > m)``."""
+    o = config.optim
+    return o.lr * o.gamma ** sum(epoch > m for m in o.milestones)
+
+
+def ducat_active(epoch: int, config: TrainConfig) -> bool:
+    return config.ducat.enabled and epoch >= config.ducat.start_epoch
+
+
+def build_objective(config: TrainConfig, generator: torch.Generator | None,
+                    forward_module: nn.Module | None = None) -> Objective:
+    """The method's objective; ``forward_module`` (e.g. the DDP wrapper) runs the training forward pass."""
+    a, u = config.attack, config.ducat
+    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start)
+    ducat = DucatSettings(u.alpha, u.beta1, u.beta2)
+    return METHODS[config.method.name].from_config(config.method, attack, ducat, generator, forward_module)
+
+
+def build_model(config: TrainConfig, resume: bool, log) -> nn.Module:
+    """A fresh model, or (``finetune.checkpoint``, not resuming) the fine-tuning start, seeded by ``run.seed``
+    without touching the global RNG."""
+    f = config.finetune
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.run.seed)
+        if f.checkpoint is None or resume:
+            return build_run_model(config)
+        state = load_checkpoint(f.checkpoint)
+        log(f"fine-tuning from {f.checkpoint} at epoch {f.start_epoch}")
+        return load_into_run_model(config, state["model"], f.checkpoint)
+
+
+def load_data(config: TrainConfig, device: torch.device) -> tuple[TensorData, TensorData, TensorData | None]:
+    """(train, validation, test or None) on ``device``; the test split only when it selects or validates."""
+    d = config.data
+    full = load_split(d.dataset, d.root, train=True)
+    if d.n_train is not None:
+        full = full.subset(torch.arange(min(d.n_train, len(full))))
+    train, val = split_train_val(full, d.val_fraction, config.run.seed)
+    test = None
+    if config.validation.select == "test" or d.val_fraction == 0:
+        test = load_split(d.dataset, d.root, train=False)
+        if d.n_test is not None:
+            test = test.subset(torch.arange(min(d.n_test, len(test))))
+        test = test.to(device)
+    return train.to(device), val.to(device), test
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+def wrap_distributed(model: nn.Module, dist: DistContext, device: torch.device) -> nn.Module:
+    """The module the training forward pass runs through: DistributedDataParallel across torchrun ranks
+    (gradients averaged), the model itself in one process."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator, epoch: int,
+                     config: TrainConfig, progress: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """Everything a resume needs, as plain data and tensors (``weights_only`` loadable)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+            "config": config.to_json(), "num_classes": num_classes,
+            "rng": {"generator": generator.get_state()}, **progress}

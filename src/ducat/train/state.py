@@ -1,0 +1,153 @@
+"""A run directory and what it holds: checkpoints, metrics, the summary; what a resume restores.
+
+``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per epoch), ``last.pt`` /
+``prev.pt`` / ``best.pt`` (+ ``epoch_N.pt`` for ``run.save_epochs``), ``model.safetensors`` (best
+weights), ``summary.json``. A run is never silently restarted: a directory that already holds a
+checkpoint is trained further only with ``resume``. Every file is written atomically; the metrics
+row of an epoch is written before its checkpoint, and a resume drops rows past the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ducat.config import TrainConfig, config_from_dict, describe
+from ducat.fileio import atomic_write_bytes
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue (existing run without resume, non-finite loss, ...)."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    epochs: int
+    best_epoch: int
+    best: dict[str, Any]
+    last: dict[str, Any]
+    wall_time_s: float
+
+
+class RunState:
+    """The run directory of one config, and the run's progress through it: the last good checkpoint,
+    the best epoch so far and the wall time of earlier attempts (``elapsed_s``)."""
+
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
+        self.config, self.log = config, log
+        self.run_dir = Path(config.run.out)
+        self.saved: tuple[Path, int] | None = None  # the last good checkpoint of this run and its epoch
+        self.best_metric, self.best_epoch, self.elapsed_s = -math.inf, 0, 0.0
+
+    def check(self, resume: bool) -> None:
+        """Refuse to start over an existing run, or to resume nothing."""
+        last = self.run_dir / "last.pt"
+        if resume and not last.exists() and not (self.run_dir / "prev.pt").exists():
+            raise RunError(f"nothing to resume: '{self.run_dir}' has no checkpoint (last.pt)")
+        if not resume and last.exists():
+            raise RunError(f"'{self.run_dir}' already holds a run; resume it with: ducat train --resume "
+                           f"{self.run_dir} (or set run.out to a new directory)")
+
+    def restore(self) -> dict[str, Any]:
+        """The checkpoint to resume from (``last.pt``, else ``prev.pt`` loudly); sets the progress fields."""
+        path = self.run_dir / "last.pt"
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as exc:
+            previous = self.run_dir / "prev.pt"
+            if not previous.is_file():
+                raise
+            try:
+                state = load_checkpoint(previous)
+            except CheckpointError as prev_exc:
+                raise CheckpointError(f"cannot resume '{self.run_dir}': {exc}; and the previous checkpoint is "
+                                      f"unusable too ({prev_exc})") from None
+            self.log(f"warning: {exc}; resuming from the previous checkpoint {previous} instead")
+            path = previous
+        saved = config_from_dict(json.loads(state["config"]))
+        if saved.to_dict() | {"run": None} != self.config.to_dict() | {"run": None}:
+            raise RunError(f"the config differs from the one saved in '{self.run_dir}'; resume with the saved "
+                           "config (ducat train --resume RUN_DIR) or start a new run")
+        self.saved = (path, state["epoch"])
+        self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
+        self.elapsed_s = float(state.get("wall_time_s", 0.0))
+        self.truncate_metrics(state["epoch"])
+        self.log(f"resuming {self.run_dir} after epoch {state['epoch']}")
+        return state
+
+    def begin(self, resume: bool, start_epoch: int) -> None:
+        """Create the directory and write ``config.yaml``; drop rows of an attempt that crashed before its
+        first checkpoint."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.run_dir / "config.yaml", describe(self.config).encode())
+        if not resume:
+            self.truncate_metrics(start_epoch - 1)
+
+    def truncate_metrics(self, last_epoch: int) -> None:
+        """Drop metric lines written after the checkpoint being resumed (a crash between the two)."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        text = path.read_text()
+        keep = []
+        for line in (line for line in text.splitlines() if line.strip()):
+            try:
+                if json.loads(line)["epoch"] <= last_epoch:
+                    keep.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                break  # a torn last line
+        kept = "".join(line + "\n" for line in keep)
+        if kept != text:  # atomic: a crash here must not lose the rows being kept
+            atomic_write_bytes(path, kept.encode())
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def metrics(self) -> list[dict[str, Any]]:
+        path = self.run_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+    def save(self, epoch: int, improved: bool, state: dict[str, Any]) -> None:
+        """``best.pt`` (if ``improved``), ``last.pt`` (previous one kept as ``prev.pt``), ``epoch_N.pt``."""
+        targets = [("best.pt", False)] if improved else []
+        targets.append(("last.pt", True))
+        if epoch in self.config.run.save_epochs:
+            targets.append((f"epoch_{epoch}.pt", False))
+        for name, keep_previous in targets:
+            try:
+                save_checkpoint(state, self.run_dir / name, keep_previous=keep_previous)
+            except OSError as exc:  # disk full, quota, permissions: say so in one line, keep the old file
+                raise RunError(f"cannot write checkpoint {self.run_dir / name} at epoch {epoch} "
+                               f"({exc.strerror or exc}); {self.last_good()}") from None
+            if name == "last.pt":
+                self.saved = (self.run_dir / name, epoch)
+
+    def last_good(self) -> str:
+        if self.saved is None:
+            return f"no checkpoint of this run was written yet ('{self.run_dir / 'last.pt'}' does not exist)"
+        return f"the last good checkpoint is {self.saved[0]} (epoch {self.saved[1]}), unchanged"
+
+    def finish(self, last: dict[str, Any], wall_time_s: float) -> RunResult:
+        """``model.safetensors`` (best weights) and ``summary.json``; the run is complete."""
+        from safetensors.torch import save_file
+
+        rows = self.metrics()
+        best = next((r for r in rows if r["epoch"] == self.best_epoch), rows[-1])
+        last = last or rows[-1]
+        best_state = load_checkpoint(self.run_dir / "best.pt")
+        save_file({k: v.contiguous() for k, v in best_state["model"].items()},
+                  str(self.run_dir / "model.safetensors"), metadata={"config": self.config.to_json()})
+        summary = {"run_dir": str(self.run_dir), "epochs": self.config.optim.epochs, "best_epoch": self.best_epoch,
+                   "selected_on": self.config.validation.select, "best": best, "last": last,
+                   "wall_time_s": wall_time_s}
+        atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        return RunResult(self.run_dir, self.config.optim.epochs, self.best_epoch, best, last, wall_time_s)
