@@ -6,6 +6,8 @@
 - a corrupted or truncated checkpoint is reported with its name and the last good one, never
   silently replaced by a fresh start; a failed write leaves the previous checkpoint loadable;
 - a checkpoint whose pickle would run code is refused before it runs, by the library and the CLI;
+- a checkpoint that declares more bytes than its limit (a zip bomb) is refused before anything is
+  inflated, and malformed contents are one-line errors naming the file;
 - a non-finite loss stops the run naming the epoch and step, with the last good checkpoint intact;
 - fuzzing: random invalid command lines for ``train``, ``eval`` and ``reproduce`` all end in exit 2
   and one ``ducat: error:`` line, without a traceback and before any compute.
@@ -16,14 +18,17 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 import os
 import pickle
+import re
 import shlex
 import shutil
 import sys
 import traceback
+import zipfile
 from collections import Counter
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import fields
 from pathlib import Path
 
@@ -32,7 +37,14 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ducat.checkpoint import (
+    CheckpointError,
+    check_training_state,
+    checkpoint_config,
+    checkpoint_size_limit,
+    load_checkpoint,
+    save_checkpoint,
+)
 from ducat.cli import main
 from ducat.config import TrainConfig, describe, load_config, preset_names
 from ducat.train import Trainer, train
@@ -141,7 +153,7 @@ def test_restart_after_a_crash_before_the_first_checkpoint_has_one_row_per_epoch
 
 
 def test_crash_hook_is_inert_unless_asked(monkeypatch, tmp_path):
-    from ducat.checkpoint import CRASH_ENV, crash_point
+    from ducat.fileio import CRASH_ENV, crash_point
 
     monkeypatch.delenv(CRASH_ENV, raising=False)
     crash_point("replaced", "last.pt")
@@ -214,6 +226,12 @@ def test_resume_with_no_usable_checkpoint_is_exit_2_never_a_fresh_start(tmp_path
     assert after == before  # nothing overwritten: no fresh start
 
 
+def _is_temp_of(file, name: str) -> bool:
+    """Is ``file`` the temporary copy ``atomic_write_bytes`` writes before renaming it to ``name``?"""
+    return isinstance(file, (str, Path)) and re.fullmatch(rf"\.{re.escape(name)}\.\d+\.[0-9a-f]{{8}}\.tmp",
+                                                          Path(file).name) is not None
+
+
 class _DiskFull:
     """Makes the write or the rename of one file fail with ENOSPC."""
 
@@ -229,7 +247,7 @@ class _DiskFull:
 
     def open(self, file, mode="r", *args, **kwargs):
         handle = self.real_open(file, mode, *args, **kwargs)
-        if self.stage == "write" and Path(file).name == f".{self.name}.tmp" and "w" in mode:
+        if self.stage == "write" and _is_temp_of(file, self.name):
             self.calls += 1
             handle.write(b"\0" * 10)  # a partial write, then the disk is full
 
@@ -242,14 +260,14 @@ class _DiskFull:
 
 @pytest.mark.parametrize("stage", ["write", "rename"])
 def test_failed_checkpoint_write_keeps_the_previous_checkpoint_loadable(straight_run, tmp_path, monkeypatch, stage):
-    import ducat.checkpoint as ckpt
+    import ducat.fileio as fileio
 
     run_dir = tmp_path / "run"
     shutil.copytree(straight_run, run_dir)
     old = load_checkpoint(run_dir / "last.pt")
     disk = _DiskFull("last.pt", stage)
-    monkeypatch.setattr(ckpt.os, "replace", disk.replace)
-    monkeypatch.setattr(ckpt, "open", disk.open, raising=False)
+    monkeypatch.setattr(fileio.os, "replace", disk.replace)
+    monkeypatch.setattr(fileio, "open", disk.open, raising=False)
     new_state = {**old, "epoch": 99}
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(new_state, run_dir / "last.pt")
@@ -258,11 +276,11 @@ def test_failed_checkpoint_write_keeps_the_previous_checkpoint_loadable(straight
     assert load_checkpoint(run_dir / "last.pt")["epoch"] == old["epoch"]  # old file, its own checksum
     assert same_weights(load_checkpoint(run_dir / "last.pt")["model"], old["model"])
     assert load_checkpoint(run_dir / "prev.pt")["epoch"] == old["epoch"]
-    assert not (run_dir / ".last.pt.tmp").exists()
+    assert not list(run_dir.glob(".*.tmp"))  # the failed write's temporary is gone
 
 
 def test_disk_full_during_training_is_one_line_and_the_run_resumes(straight_run, tmp_path, monkeypatch):
-    import ducat.checkpoint as ckpt
+    import ducat.fileio as fileio
 
     run_dir = tmp_path / "run"
     disk = _DiskFull("last.pt", "write")
@@ -270,13 +288,13 @@ def test_disk_full_during_training_is_one_line_and_the_run_resumes(straight_run,
     seen = Counter()
 
     def open_failing_on_second_last_pt(file, mode="r", *args, **kwargs):
-        if Path(file).name == ".last.pt.tmp":
+        if _is_temp_of(file, "last.pt"):
             seen["last"] += 1
             if seen["last"] == 2:
                 return real_open(file, mode, *args, **kwargs)
         return disk.real_open(file, mode, *args, **kwargs)
 
-    monkeypatch.setattr(ckpt, "open", open_failing_on_second_last_pt, raising=False)
+    monkeypatch.setattr(fileio, "open", open_failing_on_second_last_pt, raising=False)
     code, _, err = cli(["train", *tiny(run_dir)])
     monkeypatch.undo()
     assert_one_line_error(code, err, "cannot write checkpoint", str(run_dir / "last.pt"), "epoch 2",
@@ -759,3 +777,191 @@ def test_fuzz_reproduce_invalid_input_is_one_line_exit_2(no_compute, fuzz_files)
 
     check()
     _report_fuzz("reproduce")
+
+
+# ---- 6. oversized checkpoints (zip bombs) and malformed contents -----------------------------------
+
+BOMB_DECLARED = 2**30 + 2**24  # 1040 MiB of float32 zeros: just above the default cap of 1024 MiB
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """A real torch zip checkpoint ``{"model": {"net.fc.weight": zeros}}`` whose 1040 MiB storage entry is
+    rewritten deflate-compressed: about 5 MB on disk. Built without holding the storage in memory: the
+    tensor is never touched (``torch.empty`` pages are mapped lazily), ``skip_data`` writes its entry as
+    a hole, and the zeros are streamed into the new archive in 16 MiB chunks."""
+    root = tmp_path_factory.mktemp("bomb")
+    with torch.serialization.skip_data():
+        torch.save({"model": {"net.fc.weight": torch.empty(BOMB_DECLARED // 4)}}, root / "plain.pt")
+    zeros = bytes(2**24)
+    with zipfile.ZipFile(root / "plain.pt") as plain, zipfile.ZipFile(root / "bomb.pt", "w") as out:
+        for info in plain.infolist():
+            if info.file_size == BOMB_DECLARED:
+                entry = zipfile.ZipInfo(info.filename)
+                entry.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(entry, "w") as f:
+                    for _ in range(BOMB_DECLARED // len(zeros)):
+                        f.write(zeros)
+            else:
+                out.writestr(info, plain.read(info.filename))
+    (root / "plain.pt").unlink()
+    return root / "bomb.pt"
+
+
+def _status_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+
+
+@contextmanager
+def peak_rss_growth():
+    """Measures how far this process's peak RSS rises above its RSS at entry: yields a dict that holds
+    ``bytes`` on exit. Resets the kernel's high-water mark first (``/proc/self/clear_refs``), so earlier
+    peaks of the test process do not hide a new one."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak RSS")
+    base, result = _status_kib("VmRSS"), {}
+    yield result
+    result["bytes"] = (_status_kib("VmHWM") - base) * 1024
+
+
+def test_zip_bomb_checkpoint_is_refused_before_anything_is_inflated(bomb, tmp_path, monkeypatch):
+    from ducat.models import build_model
+
+    assert bomb.stat().st_size < 10 * 2**20
+    with zipfile.ZipFile(bomb) as archive:  # the bomb is what it claims: one entry declares 1040 MiB
+        assert sum(i.file_size for i in archive.infolist()) > BOMB_DECLARED
+    small_cnn = build_model("small_cnn", 20, 1)
+    for max_bytes, needles in ((None, ["1040.0 MiB", "limit of 1024.0 MiB", "DUCAT_MAX_CHECKPOINT_MB"]),
+                               (checkpoint_size_limit(small_cnn), ["1040.0 MiB", "3 x its parameters"])):
+        with peak_rss_growth() as peak, pytest.raises(CheckpointError) as info:
+            load_checkpoint(bomb, max_bytes=max_bytes)
+        message = str(info.value)
+        assert "\n" not in message and str(bomb) in message and "refused" in message
+        assert all(n in message for n in needles), message
+        print(f"\nzip bomb, max_bytes={max_bytes}: peak RSS growth {peak['bytes'] / 2**20:.1f} MiB")
+        assert peak["bytes"] < 64 * 2**20, peak  # far below the 1040 MiB it declares
+    # the CLI paths of the probe: ducat eval FILE, and finetune.checkpoint=FILE (imports warmed up first)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    tune = [PRESET, f"run.out={tmp_path / 'tuned'}", *TINY]
+    for argv in (["eval", "{}", "--no-progress"], ["train", *tune, "finetune.checkpoint={}"]):
+        assert cli([a.format(garbage) for a in argv])[0] == 2
+        with peak_rss_growth() as peak:
+            code, _, err = cli([a.format(bomb) for a in argv])
+        assert_one_line_error(code, err, str(bomb), "1040.0 MiB")
+        print(f"zip bomb, ducat {argv[0]}: peak RSS growth {peak['bytes'] / 2**20:.1f} MiB")
+        assert peak["bytes"] < 64 * 2**20, (argv[0], peak)
+    for bad in ("0", "-5", "abc", "nan"):
+        monkeypatch.setenv("DUCAT_MAX_CHECKPOINT_MB", bad)
+        with pytest.raises(CheckpointError, match="DUCAT_MAX_CHECKPOINT_MB must be a positive number"):
+            load_checkpoint(bomb)
+
+
+@pytest.mark.slow
+def test_the_zip_bomb_is_real_torch_load_alone_inflates_it(bomb, monkeypatch):
+    """Control for the test above: unchecked, the same file makes torch allocate its 1040 MiB, and the
+    peak measurement sees it. With the cap raised, load_checkpoint reads it too (it is a valid file)."""
+    with peak_rss_growth() as peak:
+        state = torch.load(bomb, weights_only=True)
+    assert state["model"]["net.fc.weight"].numel() * 4 == BOMB_DECLARED
+    del state
+    print(f"\nzip bomb, plain torch.load: peak RSS growth {peak['bytes'] / 2**20:.1f} MiB")
+    assert peak["bytes"] > 0.9 * BOMB_DECLARED, peak
+    monkeypatch.setenv("DUCAT_MAX_CHECKPOINT_MB", "2048")
+    assert load_checkpoint(bomb)["model"]["net.fc.weight"].numel() * 4 == BOMB_DECLARED
+
+
+def test_normal_checkpoints_load_within_their_architecture_bound(tmp_path):
+    from safetensors.torch import save_file
+
+    from ducat.models import build_model
+
+    model = build_model("small_cnn", 20, 1)
+    weights = model.state_dict()
+    limit = checkpoint_size_limit(model)
+    tensor_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert limit == 3 * tensor_bytes + 16 * 2**20
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    optimizer.step()  # momentum buffers as big as the weights: a full training checkpoint
+    save_checkpoint({"model": weights, "optimizer": optimizer.state_dict(), "config": "{}"}, tmp_path / "last.pt")
+    assert same_weights(load_checkpoint(tmp_path / "last.pt", max_bytes=limit)["model"], weights)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    assert same_weights(load_checkpoint(tmp_path / "model.safetensors", max_bytes=limit)["model"], weights)
+    torch.save(weights, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    assert same_weights(load_checkpoint(tmp_path / "legacy.pt", max_bytes=limit)["model"], weights)
+    for name in ("last.pt", "model.safetensors", "legacy.pt"):  # the same files against a bound too small
+        with pytest.raises(CheckpointError, match="more than the limit of 0.1 MiB"):
+            load_checkpoint(tmp_path / name, max_bytes=2**17)
+
+
+def _safetensors_bytes(header: bytes, length: int | None = None, data: bytes = b"") -> bytes:
+    return (len(header) if length is None else length).to_bytes(8, "little") + header + data
+
+
+@pytest.mark.parametrize("case", ["huge-length", "length-past-the-end", "offsets-past-the-end", "nested",
+                                  "not-a-table", "empty"])
+def test_bogus_safetensors_header_is_refused_without_allocating(tmp_path, case):
+    path = tmp_path / "model.safetensors"
+    table = json.dumps({"w": {"dtype": "F32", "shape": [2**28], "data_offsets": [0, 2**30]}}).encode()
+    path.write_bytes({
+        "huge-length": _safetensors_bytes(b"{}", length=2**62),
+        "length-past-the-end": _safetensors_bytes(b"{}", length=4096),
+        "offsets-past-the-end": _safetensors_bytes(table, data=b"\0" * 16),
+        "nested": _safetensors_bytes(b"[" * 100000 + b"]" * 100000),
+        "not-a-table": _safetensors_bytes(b'{"w": 5}'),
+        "empty": b"",
+    }[case])
+    with peak_rss_growth() as peak, pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value) and "not a valid safetensors" in str(info.value)
+    assert peak["bytes"] < 64 * 2**20, peak
+
+
+@pytest.fixture(scope="module")
+def training_state(straight_run) -> dict:
+    state = load_checkpoint(straight_run / "last.pt")
+    check_training_state(state, straight_run / "last.pt")  # a real one passes
+    return state
+
+
+MALFORMED = {
+    "model-not-tensors": {"model": {"net.fc.weight": [1.0]}},
+    "optimizer-missing": {"optimizer": None},
+    "optimizer-no-groups": {"optimizer": {"state": {}}},
+    "rng-not-tensors": {"rng": {"torch": 1, "generator": 2}},
+    "rng-wrong-size": {"rng": {"torch": torch.zeros(3, dtype=torch.uint8),
+                               "generator": torch.zeros(3, dtype=torch.uint8)}},
+    "epoch-negative": {"epoch": -1}, "epoch-bool": {"epoch": True}, "epoch-float": {"epoch": 1.5},
+    "best-epoch-after-epoch": {"best_epoch": 99}, "best-metric-text": {"best_metric": "0.5"},
+    "best-metric-nan": {"best_metric": math.nan},
+    "config-missing": {"config": None}, "config-list": {"config": "[1, 2]"}, "config-number": {"config": "3"},
+    "config-section-list": {"config": '{"finetune": [1]}'}, "config-not-json": {"config": "{data: 1"},
+    "config-deep": {"config": "[" * 100000 + "]" * 100000},
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_training_state_is_one_line_naming_the_file(training_state, tmp_path, case):
+    path = tmp_path / "last.pt"
+    save_checkpoint({**training_state, **MALFORMED[case]}, path)
+    with pytest.raises(CheckpointError) as info:
+        check_training_state(load_checkpoint(path), path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value), str(info.value)
+
+
+BAD_CONFIG_TEXT = {"list": "[1, 2]", "number": "3", "string": '"text"', "section-list": '{"finetune": [1]}',
+                   "section-number": '{"data": {}, "run": 5}', "not-json": "{data: 1",
+                   "deep-list": "[" * 100000 + "]" * 100000, "deep-dict": '{"a": ' * 100000 + "{}" + "}" * 100000}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIG_TEXT))
+def test_checkpoint_config_that_is_not_a_mapping_of_sections_is_one_line(case, tmp_path):
+    path = tmp_path / "best.pt"
+    with pytest.raises(CheckpointError) as info:
+        checkpoint_config({"config": BAD_CONFIG_TEXT[case]}, path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    assert checkpoint_config({"model": {}}, path) is None  # a foreign checkpoint has no config: not an error
+    assert checkpoint_config({"config": '{"data": {"dataset": "digits"}}'}, path) == {"data": {"dataset": "digits"}}
