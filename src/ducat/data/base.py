@@ -27,7 +27,9 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset. ``mean``/``std`` are per-channel statistics of images scaled to
-    [0, 1]; they are offered to the model builder (the paper itself trains without normalisation)."""
+    [0, 1]; they are offered to the model builder (the paper itself trains without normalisation).
+    ``train_size``: images in the standard training split (config validation sizes the train/val split
+    from it before any data is read)."""
 
     name: str
     num_classes: int
@@ -35,16 +37,19 @@ class DatasetInfo:
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    train_size: int
 
 
 _INFO = {
     # digits: mean/std computed over all 1797 images of sklearn's load_digits() after the uint8
-    # scaling used by the loader (round(v * 255 / 16)).
-    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3759,)),
-    "FashionMNIST": DatasetInfo("FashionMNIST", 10, 1, 28, (0.2860,), (0.3530,)),
-    "CIFAR10": DatasetInfo("CIFAR10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
-    "CIFAR100": DatasetInfo("CIFAR100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "TinyImageNet": DatasetInfo("TinyImageNet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
+    # scaling used by the loader (round(v * 255 / 16)); its training split is the loader's first 1437
+    # (readers.DIGITS_TRAIN_SIZE) of a fixed permutation.
+    "digits": DatasetInfo("digits", 10, 1, 8, (0.3053,), (0.3759,), 1437),
+    "FashionMNIST": DatasetInfo("FashionMNIST", 10, 1, 28, (0.2860,), (0.3530,), 60000),
+    "CIFAR10": DatasetInfo("CIFAR10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616), 50000),
+    "CIFAR100": DatasetInfo("CIFAR100", 100, 3, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 50000),
+    "TinyImageNet": DatasetInfo("TinyImageNet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821),
+                                100000),
 }
 
 

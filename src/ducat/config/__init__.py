@@ -1,0 +1,40 @@
+"""Run configuration: typed sections, YAML presets with ``base:`` inheritance, ``key=value`` overrides.
+
+Every value is checked when the config is built, before any data is read or any compute runs; a
+bad value raises :class:`ConfigError` with a one-line message (the CLI prints it and exits 2).
+Epochs are counted from 1, as in the paper's released code.
+
+- :mod:`ducat.config.schema`: the sections and their types, coercion, overrides;
+- :mod:`ducat.config.files`: YAML files and presets, a run's saved ``config.yaml``;
+- :mod:`ducat.config.checks`: :func:`validate`.
+"""
+
+from ducat.config.checks import validate
+from ducat.config.files import IGNORED_KEYS, config_from_dict, load_config, load_run_config, preset_names
+from ducat.config.schema import (
+    ATTACK_MODES,
+    METHOD_NAMES,
+    AttackConfig,
+    ConfigError,
+    DataConfig,
+    DucatConfig,
+    FinetuneConfig,
+    MethodConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    ValidationConfig,
+    apply_override,
+    describe,
+    parse_fraction,
+    parse_override,
+)
+
+_apply = apply_override  # old private names, kept until cli.py and evaluate.py import the public ones
+_parse_fraction = parse_fraction
+
+__all__ = ["ConfigError", "TrainConfig", "DataConfig", "ModelConfig", "MethodConfig", "AttackConfig", "DucatConfig",
+           "OptimConfig", "ValidationConfig", "RunConfig", "FinetuneConfig", "load_config", "config_from_dict",
+           "load_run_config", "parse_override", "parse_fraction", "apply_override", "preset_names", "validate",
+           "describe", "METHOD_NAMES", "ATTACK_MODES", "IGNORED_KEYS"]
