@@ -275,8 +275,8 @@ def checkpoint_config(state: dict[str, Any], path: str | Path | None = None) -> 
 def check_training_state(state: dict[str, Any], path: str | Path) -> None:
     """Check that ``state`` (from :func:`load_checkpoint`) holds what a resume needs, with the right types.
 
-    ``model``: {name: tensor}; ``optimizer``: {state: dict, param_groups: [dict]}; ``rng``: {torch: uint8
-    tensor of the CPU generator's size, generator: uint8 tensor}; ``epoch``: int >= 0; ``best_epoch``: int in
+    ``model``: {name: tensor}; ``optimizer``: {state: dict, param_groups: [dict]}; ``rng``: {generator: uint8
+    tensor, and optionally torch: uint8 tensor of the CPU generator's size}; ``epoch``: int >= 0; ``best_epoch``: int in
     [0, epoch]; ``best_metric``: a number, not NaN (-inf before any eligible epoch); ``config``: JSON text of
     a mapping of config sections. CheckpointError naming ``path`` and the first bad entry otherwise."""
     problem = _training_state_problem(state)
@@ -300,9 +300,10 @@ def _training_state_problem(state: dict[str, Any]) -> str | None:
             and isinstance(optimizer.get("param_groups"), list)
             and all(isinstance(g, dict) for g in optimizer["param_groups"])):
         return "'optimizer' is not an optimizer state (a mapping with 'state' and a list of 'param_groups')"
-    if not (isinstance(rng, dict) and is_bytes_tensor(rng.get("torch")) and is_bytes_tensor(rng.get("generator"))
-            and rng["torch"].numel() == torch.get_rng_state().numel()):
-        return "'rng' does not hold the 'torch' and 'generator' random states as byte tensors"
+    global_state = rng.get("torch") if isinstance(rng, dict) else None  # older checkpoints also hold this one
+    if not (isinstance(rng, dict) and is_bytes_tensor(rng.get("generator")) and (global_state is None or (
+            is_bytes_tensor(global_state) and global_state.numel() == torch.get_rng_state().numel()))):
+        return "'rng' does not hold the 'generator' random state (and optional 'torch' state) as byte tensors"
     if not (is_int(epoch) and epoch >= 0):
         return "'epoch' is not an integer >= 0"
     if not (is_int(best_epoch) and 0 <= best_epoch <= epoch):
