@@ -99,12 +99,16 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_orphan_temps(directory: Path) -> list[Path]:
     """Delete the temporaries (``temp_path`` names) left in ``directory`` by writers that are no longer
-    running on this host; returns what was removed. Temporaries of live processes are kept."""
+    running on this host; returns what was removed. Temporaries of live processes are kept. Best effort:
+    a file that cannot be removed is left in place."""
     removed = []
     for entry in Path(directory).iterdir():
         match = _TEMP_NAME.fullmatch(entry.name)
         if match and not _pid_alive(int(match.group(1))):
-            entry.unlink(missing_ok=True)
+            try:
+                entry.unlink(missing_ok=True)
+            except OSError:
+                continue
             removed.append(entry)
     return removed
 
