@@ -51,8 +51,9 @@ def main() -> None:
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             steady = epoch_times(run_dir)[1:]
             times[METHOD_LABELS[method]][variant] = statistics.median(steady)
-            print(f"{METHOD_LABELS[method]:>15} {variant:>5}: {', '.join(f'{t:.1f}' for t in steady)} s/epoch (after warm-up)")
-    print(f"\n| method | base s/epoch | DUCAT s/epoch | overhead |\n|---|---|---|---|")
+            listed = ", ".join(f"{t:.1f}" for t in steady)
+            print(f"{METHOD_LABELS[method]:>15} {variant:>5}: {listed} s/epoch (after warm-up)")
+    print("\n| method | base s/epoch | DUCAT s/epoch | overhead |\n|---|---|---|---|")
     for method, t in times.items():
         print(f"| {method} | {t['base']:.1f} | {t['ducat']:.1f} | {100 * (t['ducat'] / t['base'] - 1):+.0f}% |")
     figure = analysis.training_time_bars(times, args.out / "fig6_training_time.png")

@@ -66,8 +66,7 @@ import torch.nn.functional as F
 import ducat
 from ducat.attacks import PGD
 from ducat.data import load_split
-from ducat.dummy import DummyClassModel
-from ducat.dummy import deployed
+from ducat.dummy import DummyClassModel, deployed
 from ducat.eval import EvalSettings, evaluate, load_target
 from ducat.models import build_model
 
@@ -238,7 +237,8 @@ def compare(title: str, n: int, model: torch.nn.Module, early, full, rounds: int
             runs[key].append(measure(model, fn))
         if rounds > 1:
             e, f = runs["early"][-1], runs["full"][-1]
-            print(f"  round {r + 1}: early {e['wall']:6.1f} s, all {f['wall']:6.1f} s, ratio {f['wall'] / e['wall']:.2f}x")
+            print(f"  round {r + 1}: early {e['wall']:6.1f} s, all {f['wall']:6.1f} s, "
+                  f"ratio {f['wall'] / e['wall']:.2f}x")
     for key in runs:  # the attacks are seeded: every round must give the same per-example result
         if any((run["mask"] != runs[key][0]["mask"]).any() for run in runs[key]):
             raise RuntimeError(f"{key}: per-example results changed between rounds")
@@ -308,7 +308,8 @@ def main() -> None:
     t_start = time.perf_counter()
     torch.set_num_threads(args.threads)
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, ducat {ducat.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, "
+          f"ducat {ducat.__version__}, "
           f"pyautoattack {__import__('pyautoattack').__version__}, python {platform.python_version()}")
     print(f"torch threads: {torch.get_num_threads()}; load average at start (1/5/15 min): {loadavg()}")
 
@@ -329,7 +330,8 @@ def main() -> None:
     x, y = test.images[:n].float() / 255, test.labels[:n]
     with torch.no_grad():
         clean = (deployed(model)(x).argmax(1) == y).float().mean().item()
-    print(f"model: {source}{'; DUCAT (2C) model, deployed projected classifier attacked' if isinstance(model, DummyClassModel) else ''}"
+    kind = "; DUCAT (2C) model, deployed projected classifier attacked" if isinstance(model, DummyClassModel) else ""
+    print(f"model: {source}{kind}"
           f"{'' if args.checkpoint else f'; trained in {t_train.wall:.1f} s'}")
     print(f"examples: first {n} test images of {dataset}; clean accuracy {100 * clean:.2f}%; L-inf eps {eps:g}; "
           f"seed {args.seed}; batch size {args.batch_size}")
@@ -363,10 +365,12 @@ def main() -> None:
     if not all(s["equal"] for s in summary.values()):
         print("  why they can differ: each attack draws its random start (Square: its random squares) per batch; "
               "early stopping puts an example in a different batch at a different position, so it gets different "
-              "random draws. Rerun with --exact-check N: at batch size 1 the draws are the same and the masks must agree.")
+              "random draws. Rerun with --exact-check N: at batch size 1 the draws are the same and the masks "
+              "must agree.")
 
     if args.exact_check:
-        differing = sorted({int(i) for r in summary.values() for i in np.flatnonzero(r["early"]["mask"] != r["full"]["mask"])})
+        differing = sorted({int(i) for r in summary.values()
+                            for i in np.flatnonzero(r["early"]["mask"] != r["full"]["mask"])})
         rest = [i for i in range(n) if i not in differing][:max(0, args.exact_check - len(differing))]
         idx = torch.tensor(sorted(differing + rest), dtype=torch.long)
         xk, yk, k = x[idx], y[idx], len(idx)

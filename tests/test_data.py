@@ -24,9 +24,9 @@ from ducat.data import (
     dataset_info,
     load_split,
     random_crop_flip,
+    readers,
     split_train_val,
 )
-from ducat.data import readers
 from ducat.data.readers import restricted_load
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -64,13 +64,15 @@ def test_confusion_puts_the_sink_on_the_right_diagonal():
 
 
 def test_tables_mean_std_and_layout():
-    rows = [{"method": "PGD-AT", "ducat": d, "seed": s, "clean": c, "paper": {"PGD-10": r}, "adaptive_worst": w}
-            for d, s, c, r, w in [(False, 0, 0.80, 0.50, 0.48), (False, 1, 0.82, 0.52, 0.50),
-                                  (True, 0, 0.85, 0.70, 0.30)]]
-    table = tables.main_table(rows).splitlines()
-    assert table[0] == "| method | clean | PGD-10 (paper) | adaptive worst case |"
+    rows = [("PGD-AT", [[0.80, 0.82], [0.50, 0.52], [0.48, 0.50]]), ("PGD-AT + DUCAT", [[0.85], [0.70], [None]])]
+    table = tables.main_table(["clean", "PGD-10 (paper)", "adaptive worst case"], rows).splitlines()
+    assert table[0] == "| run | clean | PGD-10 (paper) | adaptive worst case |"
     assert table[2] == "| PGD-AT | 81.00 ± 1.41 | 51.00 ± 1.41 | 49.00 ± 1.41 |"
-    assert table[3] == "| PGD-AT + DUCAT | 85.00 | 70.00 | 30.00 |"
+    assert table[3] == "| PGD-AT + DUCAT | 85.00 | 70.00 | - |"
+    test = {"p": 0.0312, "only_base": 1, "only_other": 9}
+    stats = {"clean": {"per_seed": [test, test], "combined_p": 0.0004, "difference": 0.016, "verdict": "gain"}}
+    line = tables.significance_table([("PGD-AT + DUCAT", stats)]).splitlines()[2]
+    assert line == "| PGD-AT + DUCAT | clean | +1.60 | 0.031 (1/9), 0.031 (1/9) | 4.0e-04 | gain |"
     targeted = tables.targeted_table({"run": {"original": 0.5, "dummy": 0.25}}).splitlines()
     assert targeted[2] == "| run | 50.00 | 25.00 |"
 
@@ -131,9 +133,9 @@ def test_every_figure_renders(tmp_path):
 def test_package_reexports_every_name_its_callers_use():
     """Every ``analysis.<name>`` used by reproduce.py and the overhead benchmark, and every name in
     ``__all__``, resolves to the function of its figure module."""
-    callers = [SRC / "ducat" / "reproduce.py", SRC.parent / "benchmarks" / "ducat_overhead.py"]
+    callers = [*(SRC / "ducat" / "reproduce").glob("*.py"), SRC.parent / "benchmarks" / "ducat_overhead.py"]
     used = {name for f in callers if f.exists() for name in re.findall(r"\banalysis\.(\w+)\(", f.read_text())}
-    assert {"main_table", "always_failed_overlap", "tsne_panels", "penultimate_features"} <= used
+    assert {"main_table", "always_failed_overlap", "tsne_panels", "penultimate_features", "read_metrics"} <= used
     assert used <= set(analysis.__all__)
     for name in analysis.__all__:
         obj = getattr(analysis, name)

@@ -1,42 +1,47 @@
-"""``ducat reproduce``: the grid plan, its input checks, and (slow) the smoke grid end to end."""
+"""``ducat reproduce``: the grid plan (trunks and forks), its input checks, the statistics, and (slow) the
+smoke grid end to end."""
 from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from ducat import reproduce as rp
 from ducat.cli import main
+from ducat.reproduce.stats import McNemar, combined_p, mcnemar, verdict
+from ducat.train import trunk_key
 
 
-@pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
-def test_plan_is_valid_and_forks_from_saved_base_epochs(scale, tmp_path):
-    runs = rp.plan(rp.SCALES[scale])
+@pytest.mark.parametrize("scale", list(rp.SCALES))
+def test_plan_forks_every_ducat_run_from_a_trunk_it_can_share(scale, tmp_path):
+    s = rp.SCALES[scale]
+    runs = rp.plan(s)
     names = [r.name for r in runs]
     assert len(names) == len(set(names))
     by_name = {r.name: r for r in runs}
-    main_runs = [r for r in runs if r.group == "main"]
-    assert len(main_runs) == 8 * rp.SCALES[scale].seeds  # 4 methods x with/without DUCAT x seeds
+    assert sum(r.group == "main" for r in runs) == 8 * s.seeds  # 4 methods x with/without DUCAT x seeds
+    assert sum(r.group == "variant" for r in runs) == len(s.variants) * s.seeds
     for run in runs:
         config = rp.run_config(run, tmp_path, None)  # every preset + override combination validates
-        assert config.optim.epochs == rp.SCALES[scale].epochs
-        if run.fork_from is None:
-            assert not run.ducat
+        assert config.optim.epochs == s.epochs
+        assert config.ducat.enabled == run.ducat
+        if run.trunk is None:
             continue
-        base, epoch = run.fork_from
-        assert names.index(base) < names.index(run.name)  # the base is trained first
-        base_config = rp.run_config(by_name[base], tmp_path, None)
-        assert epoch in base_config.run.save_epochs  # the base keeps the checkpoint the fork needs
-        assert config.finetune.start_epoch == epoch + 1
-        start = run.ablation[1] if run.ablation and run.ablation[0] == "start_epoch" else rp.SCALES[scale].start_epoch
-        assert config.ducat.start_epoch == start == epoch + 1
+        trunk = by_name[run.trunk]
+        trunk_config = rp.run_config(trunk, tmp_path, None)
+        assert names.index(trunk.name) < names.index(run.name)  # the trunk is trained first
+        assert run.fork_epoch in trunk_config.run.save_epochs and run.fork_epoch <= trunk.fork_epoch
+        assert config.ducat.start_epoch == run.fork_epoch + 1 < trunk_config.ducat.start_epoch + 1
+        assert trunk_key(config) == trunk_key(trunk_config)  # identical before the DUCAT start: exact sharing
 
 
 @pytest.mark.parametrize("args, needle", [
     (["reproduce", "--scale", "huge"], "invalid choice"),
     (["reproduce", "--scale", "smoke", "--seeds", "0"], "--seeds must be >= 1"),
+    (["reproduce", "--scale", "smoke", "--variants", "pgd_at-ducat-merged,magic"], "unknown variant 'magic'"),
     (["reproduce", "--scale", "paper", "--data-root", "EMPTY"], "CIFAR"),
 ])
 def test_reproduce_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, capsys):
@@ -49,42 +54,70 @@ def test_reproduce_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, caps
     assert not (tmp_path / "out" / "runs").exists()  # no compute, nothing written
 
 
+def test_exact_mcnemar_known_answers():
+    base = np.array([1, 1, 0, 0, 1] + [0] * 9 + [1] * 6, bool)
+    other = np.array([1, 0, 0, 1, 1] + [1] * 9 + [1] * 6, bool)
+    test = mcnemar(base, other)
+    assert (test.only_base, test.only_other, test.n) == (1, 10, 20)
+    assert test.p == pytest.approx(2 * (1 + 11) / 2 ** 11)  # two-sided exact binomial, by hand
+    assert test.difference == pytest.approx(9 / 20)
+    assert mcnemar(base, base).p == 1.0
+    with pytest.raises(ValueError, match="different examples"):
+        mcnemar(base, other[:-1])
+
+
+def test_seeds_combine_with_direction():
+    gain, loss = McNemar(2, 12, 0.013, 500), McNemar(12, 2, 0.013, 500)
+    assert combined_p([gain, loss]) == pytest.approx(1.0)  # opposite results cancel, never add up
+    assert combined_p([gain, gain, gain]) < gain.p  # consistent results strengthen each other
+    z = scipy_stats.norm.isf(gain.mid_p_gain())  # Stouffer by hand: Z = 3 z / sqrt(3)
+    assert combined_p([gain] * 3) == pytest.approx(2 * scipy_stats.norm.sf(3 * z / np.sqrt(3)))
+    assert verdict([gain] * 3) == "gain" and verdict([loss] * 3) == "loss"
+    assert verdict([McNemar(5, 6, 1.0, 500)] * 3) == "no significant difference"
+    assert McNemar(0, 0, 1.0, 500).mid_p_gain() == 0.5 and combined_p([]) == 1.0
+
+
 @pytest.mark.slow
-def test_smoke_grid_end_to_end_then_rerun_skips_training(tmp_path):
+def test_smoke_grid_end_to_end_then_rerun_skips_everything(tmp_path):
     out = tmp_path / "grid"
     lines: list[str] = []
     report = rp.reproduce("smoke", out, log=lines.append).read_text()
     runs = rp.plan(rp.SCALES["smoke"])
-    assert sum("training" in line for line in lines) == len(runs)
+    assert sum(line.endswith(": training") for line in lines) == sum(r.trunk is None for r in runs)
+    assert sum("forked from" in line for line in lines) == sum(r.trunk is not None for r in runs)
 
-    # every section and figure of the paper is there, and every figure is a real PNG
-    for heading in ("table 1", "fig. 2", "fig. 3", "fig. 4", "fig. 5", "fig. 6", "figs. 7 and 9", "fig. 8",
-                    "fig. 10", "table 4"):
+    # every section and figure is there, and every figure is a real PNG
+    for heading in ("table 1", "Paired tests", "Reading", "fig. 2", "fig. 3", "fig. 4", "fig. 5", "fig. 6",
+                    "figs. 7 and 9", "fig. 8", "fig. 10", "table 4", "Training curves"):
         assert heading in report, heading
     figures = re.findall(r"!\[\]\((figures/[^)]+)\)", report)
     assert len(figures) >= 10
     for figure in figures:
         assert (out / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
 
-    # table 1 is the per-run evaluation, not something else: clean and worst case match report.json
-    table = {}
-    for line in report.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 6 and cells[1].replace(".", "").isdigit():
-            table[cells[0]] = cells
-    assert len(table) == 8
-    for run in (r for r in runs if r.group == "main"):
-        evaluation = json.loads((out / "runs" / run.name / "eval" / "report.json").read_text())
-        row = table[rp.METHOD_LABELS[run.method] + (" + DUCAT" if run.ducat else "")]
-        assert float(row[1]) == pytest.approx(100 * evaluation["clean_accuracy"], abs=0.006)
-        assert float(row[5]) == pytest.approx(100 * evaluation["worst_case"]["robust_accuracy"], abs=0.006)
-        if run.ducat:  # the worst case includes the paper's own attack scored the same way, so it is never higher
-            assert float(row[5]) <= float(row[3]) + 1e-9
+    # table 1 is the per-run evaluation averaged over seeds, and AutoAttack and the DAWA-style attack ran
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["key"]: r for r in results["table1"]}
+    assert len(rows) == 8 + 1
+    for row in rows.values():
+        reports = [json.loads((out / "runs" / name / "eval" / "report.json").read_text()) for name in row["runs"]]
+        assert len(reports) == 2
+        assert row["values"]["clean"] == [r["clean_accuracy"] for r in reports]
+        assert row["values"]["worst"] == [r["worst_case"]["robust_accuracy"] for r in reports]
+        assert all(v is not None for v in row["values"]["adaptive-autoattack"])
+        if row["base"] is not None:
+            assert all(v is not None for v in row["values"]["adaptive-dawa"])
+            assert len(row["stats"]["clean"]["per_seed"]) == 2 and 0 <= row["stats"]["worst"]["combined_p"] <= 1
+    table = report.split("## Main results")[1].split("##")[0]
+    assert "± " in table and "PGD-AT + DUCAT, merged training attack" in table
 
-    # a rerun trains nothing and rewrites the same tables from the cached evaluations
+    # a rerun trains and evaluates nothing new, and writes the same tables
     lines.clear()
     again = rp.reproduce("smoke", out, log=lines.append).read_text()
     assert sum("finished, skipped" in line for line in lines) == len(runs)
-    assert not any(line.endswith(": training") for line in lines)
+    assert not any(line.endswith(": training") or "forked" in line for line in lines)
     strip = lambda text: text.split("## Training time")[0]  # noqa: E731
     assert strip(again) == strip(report)
+
+    # another setting in the same directory is refused, not mixed in
+    assert main(["reproduce", "--scale", "smoke", "--seeds", "3", "--out", str(out)]) == 2

@@ -19,7 +19,8 @@ TINY = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.
 
 def tiny_config(tmp_path, preset="cpu-digits-small_cnn-pgd_at-ducat", epochs=3, extra=()):
     start = min(2, epochs)
-    return load_config(preset, TINY + [f"optim.epochs={epochs}", f"optim.milestones=[{start}]", f"ducat.start_epoch={start}",
+    return load_config(preset, TINY + [f"optim.epochs={epochs}", f"optim.milestones=[{start}]",
+                                       f"ducat.start_epoch={start}",
                                        f"run.out={tmp_path}", *extra])
 
 
@@ -139,3 +140,43 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     # a second call reuses the finished runs instead of training again
     quickstart(tmp_path, progress=False)
     assert "already finished" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["pgd_at", "mart"])
+def test_a_fork_from_a_trunk_is_the_run_trained_from_scratch(tmp_path, method):
+    """The spec's schedule, shared exactly: a hard-label 2C trunk to epoch t-1, forked, equals the straight run."""
+    from ducat.train import fork_run, trunk_key
+
+    preset = f"cpu-digits-small_cnn-{method}-ducat"
+    straight = tiny_config(tmp_path / "straight", preset, epochs=4, extra=["ducat.start_epoch=3", "ducat.beta1=0.6"])
+    train(straight, log=lambda s: None)
+    trunk = tiny_config(tmp_path / "trunk", preset, epochs=4, extra=["ducat.start_epoch=4", "run.save_epochs=[2]"])
+    assert trunk_key(trunk) == trunk_key(straight)
+    assert train(trunk, log=lambda s: None, until_epoch=2) is None  # stopped, resumable, unfinished
+    assert not (tmp_path / "trunk" / "summary.json").exists()
+    forked = tiny_config(tmp_path / "forked", preset, epochs=4, extra=["ducat.start_epoch=3", "ducat.beta1=0.6"])
+    fork_run(tmp_path / "trunk" / "epoch_2.pt", forked)
+    train(forked, resume=True, log=lambda s: None)
+
+    for name in ("last.pt", "best.pt"):
+        a, b = weights(tmp_path / "straight", name), weights(tmp_path / "forked", name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    timing = ("epoch_time_s", "train_images_per_s")
+    rows = [[{k: v for k, v in json.loads(line).items() if k not in timing} for line in
+             (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("straight", "forked")]
+    assert rows[0] == rows[1] and [r["epoch"] for r in rows[1]] == [1, 2, 3, 4]
+
+
+def test_a_fork_is_refused_where_it_would_not_be_exact(tmp_path):
+    from ducat.train import fork_run
+
+    preset = "cpu-digits-small_cnn-pgd_at-ducat"
+    trunk = tiny_config(tmp_path / "trunk", preset, epochs=4, extra=["ducat.start_epoch=4", "run.save_epochs=[2, 3]"])
+    train(trunk, log=lambda s: None, until_epoch=3)
+    other_lr = tiny_config(tmp_path / "a", preset, epochs=4, extra=["ducat.start_epoch=3", "optim.lr=0.01"])
+    with pytest.raises(RunError, match="differ before the DUCAT start"):
+        fork_run(tmp_path / "trunk" / "epoch_2.pt", other_lr)
+    too_late = tiny_config(tmp_path / "b", preset, epochs=4, extra=["ducat.start_epoch=3"])
+    with pytest.raises(RunError, match="not before"):
+        fork_run(tmp_path / "trunk" / "epoch_3.pt", too_late)  # epoch 3 would already be DUCAT in this run
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "last.pt").exists()

@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 from ducat.checkpoint import CheckpointError
-from ducat.config import ConfigError, _parse_fraction, config_from_dict, load_config, preset_names
+from ducat.config import ConfigError, load_config, load_run_config, parse_fraction, preset_names
 from ducat.data import DataError
+from ducat.fileio import RunDirError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
 
 
 class UsageError(ValueError):
@@ -45,39 +46,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
         bad = [o for o in overrides if not o.startswith("run.")]
         if bad:
             raise UsageError(f"--resume keeps the saved config; only run.* overrides are allowed, got {bad[0]}")
-        config = _saved_config(run_dir, overrides)
+        config = load_run_config(run_dir, overrides)
     else:
         if not args.config:
             raise UsageError("give a preset name or YAML file (list presets with: ducat presets)")
         config = load_config(args.config, args.overrides)
+    if args.until_epoch is not None and not 1 <= args.until_epoch <= config.optim.epochs:
+        raise UsageError(f"--until-epoch must be in [1, {config.optim.epochs}], got {args.until_epoch}")
     setup_runtime(config.run)
-    result = train(config, resume=bool(args.resume))
+    result = train(config, resume=bool(args.resume), until_epoch=args.until_epoch)
+    if result is None:
+        print(f"stopped after epoch {args.until_epoch}; continue with: ducat train --resume {config.run.out}")
+        return 0
     print(f"run written to {result.run_dir} (best epoch {result.best_epoch}: "
           f"val clean {result.best['val_clean_acc']:.4f}, val PGD {result.best['val_pgd_acc']:.4f})")
     return 0
-
-
-def _saved_config(run_dir: Path, overrides: list[str]):
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"nothing to resume: '{run_dir}' has no config.yaml")
-    try:
-        mapping = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-        raise ConfigError(f"cannot read the saved config '{path}' ({type(exc).__name__}: {first})") from None
-    if not isinstance(mapping, dict):
-        raise ConfigError(f"the saved config '{path}' is not a mapping of config sections")
-    config = config_from_dict(mapping)
-    from ducat.config import _apply, parse_override, validate
-
-    for text in overrides:
-        _apply(config, *parse_override(text))
-    config.run.out = str(run_dir)
-    validate(config)
-    return config
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -94,7 +77,9 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     _check_output_dir(Path(args.out), "--out")
 
-    reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, nproc=args.nproc)
+    variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants is not None else None
+    reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, variants=variants,
+              nproc=args.nproc)
     return 0
 
 
@@ -118,7 +103,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ducat.eval.api import default_output
 
     settings = _eval_settings(args, FAST_ATTACKS)
-    eps = _parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    eps = parse_fraction(args.eps, "--eps") if args.eps is not None else None
     try:
         report = evaluate_checkpoint(args.target, args.out, eps=eps, settings=settings, data_root=args.data_root,
                                      dataset=args.dataset, model_name=args.model, device=args.device,
@@ -138,7 +123,7 @@ def _eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> d
     import math
     import re
 
-    if args.eps is not None and not math.isfinite(_parse_fraction(args.eps, "--eps")):
+    if args.eps is not None and not math.isfinite(parse_fraction(args.eps, "--eps")):
         raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -184,6 +169,8 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ducat.reproduce.scales import SCALES, VARIANTS
+
     parser = _Parser(prog="ducat", description="Dummy-class adversarial training and honest evaluation.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -191,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="preset name (ducat presets) or YAML file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=5 ducat.enabled=true")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("--until-epoch", type=int, metavar="N", help="stop after epoch N (the run stays resumable)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("quickstart", help="PGD-AT vs PGD-AT+DUCAT on digits, offline, ~2 minutes on 2 CPU cores")
@@ -200,11 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
-    p.add_argument("--scale", required=True, choices=("smoke", "mini", "paper"),
-                   help="smoke: digits, ~3 min; mini: Fashion-MNIST, ~1 h on 2 CPU cores; paper: CIFAR-10 recipe, GPUs")
+    p.add_argument("--scale", required=True, choices=tuple(SCALES),
+                   help="smoke: digits, every piece in CI time; mini: Fashion-MNIST, 3 seeds, ~1 h on 2 CPU cores; "
+                        "full-cpu: full Fashion-MNIST, a night; paper: the CIFAR-10 recipe, GPUs")
     p.add_argument("--out", required=True, help="output directory (a rerun skips finished runs)")
     p.add_argument("--data-root", help="dataset root (CIFAR/Tiny-ImageNet files; Fashion-MNIST optional)")
-    p.add_argument("--seeds", type=int, help="override the scale's number of seeds (paper: 3)")
+    p.add_argument("--seeds", type=int, help="override the scale's number of seeds")
+    p.add_argument("--variants", help=f"comma-separated dummy-class variants to add (default: the scale's); "
+                                      f"choose from: {', '.join(VARIANTS)}")
     p.add_argument("--nproc", type=int, default=1, help="train each run with torchrun on N processes/GPUs")
     p.set_defaults(func=_cmd_reproduce)
 

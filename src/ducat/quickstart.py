@@ -42,7 +42,8 @@ def quickstart(out: Path, epochs: int = 30, progress: bool = True) -> dict[str, 
         run_dir = out / name
         overrides = [f"run.out={run_dir}", f"run.progress={str(progress).lower()}", "run.tensorboard=false"]
         if epochs != 30:  # keep the preset's proportions: DUCAT from 70%, lr decays after 83% and 93%
-            overrides += [f"optim.epochs={epochs}", f"optim.milestones=[{round(epochs * 0.83)}, {round(epochs * 0.93)}]",
+            overrides += [f"optim.epochs={epochs}",
+                          f"optim.milestones=[{round(epochs * 0.83)}, {round(epochs * 0.93)}]",
                           f"ducat.start_epoch={max(1, round(epochs * 0.7))}"]
         config = load_config(f"cpu-digits-small_cnn-{name.replace('-ducat', '')}" +
                              ("-ducat" if name.endswith("ducat") else ""), overrides)
@@ -66,5 +67,6 @@ def format_table(rows: dict[str, dict[str, float]], n: int, eps: float) -> str:
              "classifier (%)", "",
              "| run | clean | PGD-10 paper protocol | PGD-10 on projected classifier |", "|---|---|---|---|"]
     for name, r in rows.items():
-        lines.append(f"| {name} | {100 * r['clean']:.1f} | {100 * r['pgd_paper']:.1f} | {100 * r['pgd_projected']:.1f} |")
+        cells = (100 * r[k] for k in ("clean", "pgd_paper", "pgd_projected"))
+        lines.append(f"| {name} | " + " | ".join(f"{v:.1f}" for v in cells) + " |")
     return "\n".join(lines)

@@ -78,7 +78,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, dic
             raise CheckpointError(f"run directory '{path}' has no best.pt or last.pt")
         path = found
     state = load_checkpoint(path)
-    saved = checkpoint_config(state)
+    saved = checkpoint_config(state, path)
     if saved is None:
         raise CheckpointError(f"checkpoint '{path}' has no ducat config; build the model yourself and "
                               "pass it to ducat.evaluate (or use --model/--dataset)")

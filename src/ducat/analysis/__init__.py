@@ -17,7 +17,7 @@ from ducat.analysis.curves import (
     training_curves,
 )
 from ducat.analysis.overlap import always_failed_overlap, plot_always_failed_overlap
-from ducat.analysis.tables import main_table, targeted_table
+from ducat.analysis.tables import main_table, mean_std, significance_table, targeted_table
 from ducat.analysis.timing import training_time_bars
 from ducat.analysis.toy import toy_case_plot
 from ducat.analysis.tradeoff import sota_points, tradeoff_scatter
@@ -25,7 +25,7 @@ from ducat.analysis.transfer import plot_transfer_matrix, transfer_matrix
 from ducat.analysis.tsne import penultimate_features, tsne_embed, tsne_panels
 
 __all__ = ["MetricsError", "ablation_plot", "always_failed_overlap", "confusion_under_attack", "main_table",
-           "penultimate_features", "plot_always_failed_overlap", "plot_confusion", "plot_training_curves",
-           "plot_transfer_matrix", "read_metrics", "sota_points", "targeted_table", "toy_case_plot",
-           "tradeoff_scatter", "training_curves", "training_time_bars", "transfer_matrix", "tsne_embed",
-           "tsne_panels"]
+           "mean_std", "penultimate_features", "plot_always_failed_overlap", "plot_confusion",
+           "plot_training_curves", "plot_transfer_matrix", "read_metrics", "significance_table", "sota_points",
+           "targeted_table", "toy_case_plot", "tradeoff_scatter", "training_curves", "training_time_bars",
+           "transfer_matrix", "tsne_embed", "tsne_panels"]

@@ -28,7 +28,8 @@ CURVE_KEYS = ("epoch", "lr", "train_clean_acc", "train_adv_acc", "val_clean_acc"
 ACCURACY_KEYS = ("train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc")
 # (panel title, validation key drawn solid, train key drawn dashed)
 ACCURACY_PANELS = (("clean accuracy", "val_clean_acc", "train_clean_acc"),
-                   ("adversarial accuracy\nvalidation: PGD; train: the training attack", "val_pgd_acc", "train_adv_acc"))
+                   ("adversarial accuracy\nvalidation: PGD; train: the training attack", "val_pgd_acc",
+                    "train_adv_acc"))
 
 
 class MetricsError(ValueError):
@@ -127,7 +128,8 @@ def draw_training_curves(runs: dict[str, list[dict[str, Any]]]) -> Figure:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, lw=2, label=name) for name, c in colours.items()]
-    handles += [Line2D([], [], color="k", ls="-", label="validation"), Line2D([], [], color="k", ls="--", label="train"),
+    handles += [Line2D([], [], color="k", ls="-", label="validation"),
+                Line2D([], [], color="k", ls="--", label="train"),
                 Patch(color="grey", alpha=0.25, lw=0, label="DUCAT active")]
     axes[0].legend(handles=handles, fontsize=8)
     return fig

@@ -13,7 +13,6 @@ from ducat.config.checks import validate
 from ducat.config.files import IGNORED_KEYS, config_from_dict, load_config, load_run_config, preset_names
 from ducat.config.schema import (
     ATTACK_MODES,
-    METHOD_NAMES,
     AttackConfig,
     ConfigError,
     DataConfig,
@@ -31,10 +30,7 @@ from ducat.config.schema import (
     parse_override,
 )
 
-_apply = apply_override  # old private names, kept until cli.py and evaluate.py import the public ones
-_parse_fraction = parse_fraction
-
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "ModelConfig", "MethodConfig", "AttackConfig", "DucatConfig",
            "OptimConfig", "ValidationConfig", "RunConfig", "FinetuneConfig", "load_config", "config_from_dict",
            "load_run_config", "parse_override", "parse_fraction", "apply_override", "preset_names", "validate",
-           "describe", "METHOD_NAMES", "ATTACK_MODES", "IGNORED_KEYS"]
+           "describe", "ATTACK_MODES", "IGNORED_KEYS"]

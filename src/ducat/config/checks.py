@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ducat.config.schema import ATTACK_MODES, METHOD_NAMES, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
+from ducat.config.schema import ATTACK_MODES, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
 
 if TYPE_CHECKING:
     from ducat.data import DatasetInfo
@@ -27,6 +27,7 @@ def validate(config: TrainConfig) -> None:
     is read: split sizes, crop padding, the learning-rate schedule, the run directory."""
     from ducat.data import DataError, dataset_info
     from ducat.models import MODEL_NAMES
+    from ducat.objectives import METHODS
 
     try:
         info = dataset_info(config.data.dataset)
@@ -34,8 +35,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(str(exc)) from None
     m, a, u, v, f = config.model, config.attack, config.ducat, config.validation, config.finetune
     _check(m.name in MODEL_NAMES, f"unknown model '{m.name}'; choose one of: {', '.join(MODEL_NAMES)}")
-    _check(config.method.name in METHOD_NAMES,
-           f"unknown method '{config.method.name}'; choose one of: {', '.join(METHOD_NAMES)}")
+    _check(config.method.name in METHODS,
+           f"unknown method '{config.method.name}'; choose one of: {', '.join(METHODS)}")
     _validate_data(config.data, info)
     _check(a.eps >= 0, f"attack.eps must be >= 0, got {a.eps}")
     _check(a.step_size >= 0, f"attack.step_size must be >= 0, got {a.step_size}")

@@ -172,7 +172,6 @@ class TrainConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-METHOD_NAMES = ("pgd_at", "trades", "mart", "consistency")
 ATTACK_MODES = ("raw", "original", "merged")
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ducat.attacks import eval_mode
-from ducat.checkpoint import CheckpointError, load_checkpoint, load_weights
+from ducat.checkpoint import CheckpointError, checkpoint_size_limit, load_checkpoint, load_weights
 from ducat.config import ConfigError
 from ducat.data import dataset_info, load_split
 from ducat.dummy import DummyClassModel
@@ -58,7 +58,7 @@ def load_target(target: Path, dataset: str | None = None,
         raise ConfigError("--model needs --dataset (the model's classes and input shape come from it)")
     info = dataset_info(dataset)
     model = build_model(model_name, info.num_classes, info.in_channels)
-    weights = load_checkpoint(target)["model"]
+    weights = load_checkpoint(target, max_bytes=checkpoint_size_limit(model))["model"]
     load_weights(model if any(k.startswith("net.") for k in weights) else model.net, weights, str(target))
     return model, dataset, None, {}
 

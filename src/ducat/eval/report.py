@@ -39,6 +39,7 @@ class EvalReport:
     settings: dict[str, Any]
     dummy_classes: bool
     wall_time_s: float
+    dummy_index: list[int] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
@@ -82,7 +83,8 @@ def build_report(plan: list[AttackSpec], outcome: Outcome, labels: np.ndarray, s
         n_examples=len(labels), epsilon=settings.eps, norm=settings.norm,
         clean_accuracy=float(outcome.clean.mean()), results=rows, worst_case=worst,
         sink_rate=_sink_rate(outcome, labels, dummy_index), eps_sweep=_sweep(plan, outcome, settings, is_dummy),
-        sanity=[], settings=_settings_json(settings), dummy_classes=is_dummy, wall_time_s=wall_time_s, masks=masks)
+        sanity=[], settings=_settings_json(settings), dummy_classes=is_dummy, wall_time_s=wall_time_s,
+        dummy_index=None if dummy_index is None else dummy_index.tolist(), masks=masks)
     report.sanity = sanity_checks(report, outcome.logs)
     return report
 

@@ -3,9 +3,13 @@ the epoch loop (:mod:`.loop`), validation, progress output and forking DUCAT run
 
 from __future__ import annotations
 
-from typing import Callable
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 from ducat.config import TrainConfig
+from ducat.fileio import RunLock
 from ducat.train.fork import fork_run, trunk_key
 from ducat.train.loop import Trainer
 from ducat.train.setup import ducat_active, learning_rate, setup_runtime
@@ -15,9 +19,26 @@ from ducat.train.validate import validate_model
 
 def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
           until_epoch: int | None = None) -> RunResult | None:
-    """Train one configuration (see :class:`Trainer`); with ``until_epoch`` stop after that epoch, resumable."""
-    return Trainer(config, resume=resume, log=log).run(until_epoch)
+    """Train one configuration (see :class:`Trainer`) holding the run directory's lock, so no second process
+    trains or resumes it meanwhile; with ``until_epoch`` stop after that epoch, resumable."""
+    run_dir = Path(config.run.out)
+    if resume and not run_dir.is_dir():
+        raise RunError(f"nothing to resume: '{run_dir}' does not exist")
+    with run_lock(run_dir, log):
+        return Trainer(config, resume=resume, log=log).run(until_epoch)
 
 
-__all__ = ["RunError", "RunResult", "Trainer", "ducat_active", "fork_run", "learning_rate", "setup_runtime",
-           "train", "trunk_key", "validate_model"]
+@contextmanager
+def run_lock(run_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the run directory's exclusive lock, rank 0 only (the other torchrun ranks never write)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    with RunLock(run_dir) as lock:
+        if lock.note:
+            log(lock.note)
+        yield
+
+
+__all__ = ["RunError", "RunResult", "Trainer", "ducat_active", "fork_run", "learning_rate", "run_lock",
+           "setup_runtime", "train", "trunk_key", "validate_model"]

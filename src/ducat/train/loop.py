@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ducat.checkpoint import CheckpointError, checkpoint_size_limit, load_weights
 from ducat.config import TrainConfig
 from ducat.data import TensorLoader, dataset_info, random_crop_flip
 from ducat.distributed import context_from_env
@@ -81,10 +82,15 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
 
     def _restore(self) -> None:
-        state = self.state.restore()
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["rng"]["generator"].to("cpu"))
+        state = self.state.restore(max_bytes=checkpoint_size_limit(self.model))
+        path = self.state.saved[0]
+        load_weights(self.model, state["model"], str(path))
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["rng"]["generator"].to("cpu"))
+        except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint '{path}' does not fit this run: its optimizer or RNG state is not "
+                                  f"this model's ({type(exc).__name__})") from None
         self.start_epoch = state["epoch"] + 1
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:

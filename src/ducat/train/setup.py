@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ducat.checkpoint import load_checkpoint
+from ducat.checkpoint import checkpoint_size_limit, load_checkpoint
 from ducat.config import RunConfig, TrainConfig
 from ducat.data import TensorData, load_split, split_train_val
 from ducat.distributed import DistContext
@@ -50,9 +50,10 @@ def build_model(config: TrainConfig, resume: bool, log) -> nn.Module:
     f = config.finetune
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.run.seed)
+        model = build_run_model(config)
         if f.checkpoint is None or resume:
-            return build_run_model(config)
-        state = load_checkpoint(f.checkpoint)
+            return model
+        state = load_checkpoint(f.checkpoint, max_bytes=checkpoint_size_limit(model))
         log(f"fine-tuning from {f.checkpoint} at epoch {f.start_epoch}")
         return load_into_run_model(config, state["model"], f.checkpoint)
 

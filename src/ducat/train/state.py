@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ducat.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ducat.checkpoint import CheckpointError, check_training_state, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
 from ducat.fileio import atomic_write_bytes
 
@@ -33,6 +33,12 @@ class RunResult:
     best: dict[str, Any]
     last: dict[str, Any]
     wall_time_s: float
+
+
+def _training_state(path: Path, max_bytes: int | None) -> dict[str, Any]:
+    state = load_checkpoint(path, max_bytes=max_bytes)
+    check_training_state(state, path)
+    return state
 
 
 class RunState:
@@ -54,17 +60,18 @@ class RunState:
             raise RunError(f"'{self.run_dir}' already holds a run; resume it with: ducat train --resume "
                            f"{self.run_dir} (or set run.out to a new directory)")
 
-    def restore(self) -> dict[str, Any]:
-        """The checkpoint to resume from (``last.pt``, else ``prev.pt`` loudly); sets the progress fields."""
+    def restore(self, max_bytes: int | None = None) -> dict[str, Any]:
+        """The checkpoint to resume from (``last.pt``, else ``prev.pt`` loudly), checked to be a complete
+        training state of at most ``max_bytes``; sets the progress fields."""
         path = self.run_dir / "last.pt"
         try:
-            state = load_checkpoint(path)
+            state = _training_state(path, max_bytes)
         except CheckpointError as exc:
             previous = self.run_dir / "prev.pt"
             if not previous.is_file():
                 raise
             try:
-                state = load_checkpoint(previous)
+                state = _training_state(previous, max_bytes)
             except CheckpointError as prev_exc:
                 raise CheckpointError(f"cannot resume '{self.run_dir}': {exc}; and the previous checkpoint is "
                                       f"unusable too ({prev_exc})") from None

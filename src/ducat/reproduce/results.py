@@ -1,0 +1,226 @@
+"""Stage 1 of a report: evaluate every run and compute everything the tables and figures show.
+
+The output is plain data (:class:`Results`): no figure is drawn and no text written here. Evaluations
+are cached per run (``RUN/eval``), so a rerun only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ducat import analysis
+from ducat.eval import evaluate_checkpoint
+from ducat.objectives import METHODS
+from ducat.reproduce.grid import GridRun
+from ducat.reproduce.models import transfer_between, tsne_features
+from ducat.reproduce.scales import VARIANTS, Scale
+from ducat.reproduce.stats import McNemar, combined_p, mcnemar, verdict
+
+# Table 1's columns: result id in report.json ("clean" = clean accuracy, "worst" = per-example worst case), header.
+COLUMNS = (
+    ("clean", "clean"),
+    ("paper-pgd10", "PGD-10, paper protocol (raw 2C logits attacked, projected scoring)"),
+    ("paper-pgd100", "PGD-100, paper protocol"),
+    ("paper-autoattack", "AutoAttack, paper protocol (raw 2C logits attacked, projected scoring)"),
+    ("raw-autoattack", "AutoAttack, raw-autoattack (raw 2C logits attacked, raw 2C argmax scored)"),
+    ("adaptive-autoattack", "AutoAttack, adaptive (projected classifier attacked and scored)"),
+    ("adaptive-dawa", "DAWA-style weighted CE, adaptive (raw 2C logits, projected scoring)"),
+    ("worst", "worst case per example, every attack of both protocols (projected scoring)"),
+)
+
+
+@dataclass
+class TableRow:
+    """One row of table 1: a method with or without DUCAT (or a variant), one run per seed."""
+
+    key: str
+    label: str
+    runs: list[str]
+    base: str | None = None  # the row this one is compared with
+    values: dict[str, list[float | None]] = field(default_factory=dict)  # column -> per-seed accuracy
+    tests: dict[str, list[McNemar]] = field(default_factory=dict)  # "clean" / "worst" -> per-seed test
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {name: {"per_seed": [t.__dict__ for t in tests], "combined_p": combined_p(tests),
+                       "difference": float(np.mean([t.difference for t in tests])), "verdict": verdict(tests)}
+                for name, tests in self.tests.items()}
+
+
+@dataclass
+class Results:
+    """Everything the report shows, as plain data; figures are drawn from it in stage 2."""
+
+    rows: list[TableRow]
+    figures: dict[str, Any]
+    reports: dict[str, dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        rows = [{"key": r.key, "label": r.label, "runs": r.runs, "base": r.base, "values": r.values,
+                 "stats": r.stats()} for r in self.rows]
+        return {"table1": rows, "columns": [c for c, _ in COLUMNS]}
+
+
+def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None,
+                  log: Callable[[str], None]) -> None:
+    """Evaluate every finished run (not the trunks) under both protocols; cached in ``RUN/eval``."""
+    for run in runs:
+        if run.group == "trunk":
+            continue
+        run_dir = out / "runs" / run.name
+        log(f"  {run.name}: evaluating")
+        attacks = scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks
+        evaluate_checkpoint(run_dir, out=run_dir / "eval", eps=scale.eval_eps, data_root=data_root, progress=False,
+                            settings={
+            "n_examples": scale.eval_examples, "attacks": attacks, "n_targets": scale.n_targets,
+            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps})
+
+
+def report_of(out: Path, name: str) -> dict[str, Any]:
+    return json.loads((out / "runs" / name / "eval" / "report.json").read_text())
+
+
+def masks_of(out: Path, name: str) -> dict[str, np.ndarray]:
+    with np.load(out / "runs" / name / "eval" / "masks.npz") as data:
+        return dict(data)
+
+
+def accuracy(report: dict[str, Any], column: str) -> float | None:
+    """A table-1 cell of one run: clean, the worst case or a result id (raw-autoattack of a plain model is
+    its AutoAttack: without dummy classes the raw argmax is the prediction)."""
+    if column == "clean":
+        return report["clean_accuracy"]
+    if column == "worst":
+        return report["worst_case"]["robust_accuracy"]
+    if column == "raw-autoattack" and not report["dummy_classes"]:
+        column = "paper-autoattack"
+    return next((r["robust_accuracy"] for r in report["results"] if r["id"] == column), None)
+
+
+def table_rows(scale: Scale) -> list[TableRow]:
+    """Table 1's rows: each method without and with DUCAT, then the variants, each over the scale's seeds."""
+    seeds = range(scale.seeds)
+    rows = []
+    for method, objective in METHODS.items():
+        rows.append(TableRow(method, objective.label, [f"{method}-s{s}" for s in seeds]))
+        rows.append(TableRow(f"{method}-ducat", f"{objective.label} + DUCAT", [f"{method}-ducat-s{s}" for s in seeds],
+                             base=method))
+    for name in scale.variants:
+        rows.append(TableRow(name, VARIANTS[name].label, [f"{name}-s{s}" for s in seeds], base=VARIANTS[name].method))
+    return rows
+
+
+def fill_table(rows: list[TableRow], out: Path) -> None:
+    """Per-seed accuracies of every row, and the paired tests of every row against its base."""
+    by_key = {r.key: r for r in rows}
+    for row in rows:
+        reports = [report_of(out, name) for name in row.runs]
+        row.values = {c: [accuracy(r, c) for r in reports] for c, _ in COLUMNS}
+        if row.base is None:
+            continue
+        pairs = [(masks_of(out, b), masks_of(out, o)) for b, o in zip(by_key[row.base].runs, row.runs)]
+        row.tests = {"clean": [mcnemar(b["clean"], o["clean"]) for b, o in pairs],
+                     "worst": [mcnemar(b["worst_case"], o["worst_case"]) for b, o in pairs]}
+
+
+def collect(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None) -> Results:
+    """Stage 1: table 1 with its statistics, and the data of every figure (seed 0 where one run is shown)."""
+    rows = table_rows(scale)
+    fill_table(rows, out)
+    base = [f"{m}-s0" for m in METHODS]
+    labels = masks_of(out, base[0])["labels"]
+    figures: dict[str, Any] = {
+        "overlap": analysis.always_failed_overlap(
+            {METHODS[m].label: masks_of(out, f"{m}-s0")["adaptive-pgd10"] for m in METHODS}, labels,
+            int(labels.max()) + 1),
+        "transfer": transfer_between(base, out, scale, data_root),
+        "toy": _toy_curves(out, scale),
+        "tradeoff": _tradeoff_points(rows),
+        "timing": _timing(out),
+        "ablations": _ablations(runs, out, scale),
+        "confusion": _confusion(out),
+        "tsne": tsne_features(out, scale, data_root),
+        "targeted": targeted_columns(out, scale),
+        "curves": {name: analysis.read_metrics(out / "runs" / name)
+                   for name in ("pgd_at-s0", "pgd_at-ducat-s0", *[f"{v}-s0" for v in scale.variants])},
+    }
+    reports = {r.name: report_of(out, r.name) for r in runs if r.group != "trunk"}
+    return Results(rows, figures, reports)
+
+
+def _toy_curves(out: Path, scale: Scale) -> dict[str, dict[str, float | None]]:
+    strongest, title = (("paper-autoattack", "AutoAttack (paper)") if "autoattack" in scale.eval_attacks
+                        else ("paper-pgd100", "PGD-100 (paper)"))
+    curves = {}
+    for label, name in (("toy (hard labels)", "pgd_at-toy-s0"), ("DUCAT (soft labels)", "pgd_at-ducat-s0"),
+                        ("PGD-AT", "pgd_at-s0")):
+        report = report_of(out, name)
+        values = {"clean": accuracy(report, "clean"), "PGD-10 (paper)": accuracy(report, "paper-pgd10"),
+                  title: accuracy(report, strongest), "adaptive worst": accuracy(report, "worst")}
+        curves[label] = {k: v for k, v in values.items() if v is not None}
+    return curves
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _tradeoff_points(rows: list[TableRow]) -> list[dict[str, Any]]:
+    points = []
+    for row in rows:
+        strongest = "paper-autoattack" if _mean(row.values["paper-autoattack"]) is not None else "paper-pgd100"
+        clean = _mean(row.values["clean"])
+        points.append({"name": row.label, "clean": clean, "robust": _mean(row.values[strongest]),
+                       "group": "paper protocol, " + ("AutoAttack" if "auto" in strongest else "PGD-100")})
+        points.append({"name": row.label, "clean": clean, "robust": _mean(row.values["worst"]),
+                       "group": "adaptive worst case"})
+    return points
+
+
+def _timing(out: Path) -> dict[str, dict[str, float]]:
+    """Median epoch time (training only) of each method's seed-0 base run and of its DUCAT run's DUCAT epochs,
+    each run's first epoch left out as warm-up."""
+    times = {}
+    for method, objective in METHODS.items():
+        base = analysis.read_metrics(out / "runs" / f"{method}-s0")[1:]
+        ducat = [r for r in analysis.read_metrics(out / "runs" / f"{method}-ducat-s0") if r["ducat_active"]][1:]
+        times[objective.label] = {"base": float(np.median([r["epoch_time_s"] for r in base])),
+                                  "ducat": float(np.median([r["epoch_time_s"] for r in ducat or base]))}
+    return times
+
+
+def _ablations(runs: list[GridRun], out: Path, scale: Scale) -> dict[str, dict[str, list[float | None]]]:
+    defaults = {"start_epoch": scale.start_epoch, "beta1": 0.75, "beta2": 1.0, "alpha": 0.5}
+    result = {}
+    for param in scale.ablations:
+        entries = sorted([(defaults[param], "pgd_at-ducat-s0")] + [
+            (r.ablation[1], r.name) for r in runs if r.group == "ablation" and r.ablation[0] == param])
+        reports = [report_of(out, name) for _, name in entries]
+        result[param] = {"values": [v for v, _ in entries], "clean": [accuracy(r, "clean") for r in reports],
+                         "paper": [accuracy(r, "paper-pgd10") for r in reports],
+                         "adaptive": [accuracy(r, "worst") for r in reports]}
+    return result
+
+
+def _confusion(out: Path) -> dict[str, Any]:
+    masks = masks_of(out, "pgd_at-ducat-s0")
+    report = report_of(out, "pgd_at-ducat-s0")
+    dummy_index = np.asarray(report["dummy_index"])
+    matrix = analysis.confusion_under_attack(masks["labels"], masks["paper-pgd10/raw_predictions"], len(dummy_index),
+                                             dummy_index)
+    return {"matrix": matrix, "sink_rate": report["sink_rate"]}
+
+
+def targeted_columns(out: Path, scale: Scale) -> dict[str, dict[str, float | None]]:
+    """Table 4: accuracy under the targeted attacks, PGD-AT and PGD-AT + DUCAT (seed 0)."""
+    columns = (("paper-targeted-original", "random other class, paper protocol"),
+               ("adaptive-targeted-original", "random other class, projected"),
+               ("paper-targeted-dummy", "dummy of a random other class, paper protocol"),
+               ("adaptive-targeted-top", f"PGD-100 margin to the top-{scale.n_targets} classes, projected"))
+    return {label: {title: accuracy(report_of(out, name), key) for key, title in columns}
+            for label, name in (("PGD-AT", "pgd_at-s0"), ("PGD-AT + DUCAT", "pgd_at-ducat-s0"))}

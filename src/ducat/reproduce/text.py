@@ -1,0 +1,134 @@
+"""Stage 3 of a report: the markdown, from the computed results and the drawn figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ducat import analysis
+from ducat.reproduce.results import COLUMNS, Results, TableRow
+from ducat.reproduce.scales import VARIANTS, Scale
+from ducat.reproduce.stats import ALPHA
+
+
+def report_markdown(results: Results, figures: dict[str, Path], scale: Scale, footer: str) -> str:
+    """The whole ``report.md``; figure links are relative to the report's directory."""
+    link = {name: f"figures/{path.name}" for name, path in figures.items()}
+    sections = [_header(scale), _table1(results, scale), _significance(results), _reading(results),
+                _paper_figures(results, link, scale), footer]
+    return "\n\n".join(sections) + "\n"
+
+
+def _header(scale: Scale) -> str:
+    lines = [f"# DUCAT reproduction, scale `{scale.name}`", "",
+             f"Preset family `{scale.family}` with `{' '.join(scale.overrides) or '(no overrides)'}`; {scale.epochs} "
+             f"epochs, lr x0.1 after epochs {list(scale.milestones)}, DUCAT from epoch {scale.start_epoch}; "
+             f"{scale.seeds} seed(s); every run evaluated on the same first {scale.eval_examples} test examples.", "",
+             "Schedule as the paper specifies it: every DUCAT run has the 2C head from epoch 1 and trains with hard "
+             "labels before its DUCAT start epoch t, with one optimizer state throughout. The hard-label epochs are "
+             "trained once per method, seed and variant (a *trunk*) and each DUCAT run continues a copy of the trunk's "
+             "epoch t-1 checkpoint (weights, optimizer and RNG state): the same run as one trained from scratch.", "",
+             "Protocols: the **paper** protocol attacks the raw 2C logits with the attack's own loss and scores after "
+             "the projection (an input pushed into the dummy class of its own label counts as robust). "
+             "**raw-autoattack** is the released code's AutoAttack call: raw 2C logits attacked and scored, no "
+             "projection. **Adaptive** attacks know the projection: PGD and AutoAttack on the max- and "
+             "logsumexp-merged logits, a DAWA-style weighted cross-entropy over y and dummy(y) on the raw logits, "
+             "margin and targeted attacks. The **worst case** counts an example as robust only if it survived every "
+             "attack of both protocols, scored on the deployed classifier."]
+    if scale.cuts:
+        lines += ["", f"Cut to fit this scale's time: {scale.cuts}."]
+    return "\n".join(lines)
+
+
+def _table1(results: Results, scale: Scale) -> str:
+    rows = [(r.label, [r.values[c] for c, _ in COLUMNS]) for r in results.rows]
+    lines = ["## Main results (layout of the paper's table 1; accuracy %, mean ± std over seeds)", "",
+             analysis.main_table([h for _, h in COLUMNS], rows), "",
+             "'-': not run at this scale, or not applicable (a model without dummy classes has no dummy-aware attack; "
+             "its raw-autoattack column is its AutoAttack)."]
+    variants = [VARIANTS[v] for v in scale.variants]
+    if variants:
+        lines += ["", "Variants (rows below the paper's grid), and why each is tested:"]
+        lines += [f"- {v.label} (`{' '.join(v.overrides)}`): {v.why}." for v in variants]
+    return "\n".join(lines)
+
+
+def _significance(results: Results) -> str:
+    rows = [(r.label, r.stats()) for r in results.rows if r.base is not None]
+    return "\n".join([
+        "## Does DUCAT change accuracy? Paired tests against the base run (same seed, same examples)", "",
+        f"Exact McNemar test per seed on per-example correctness; seeds combined with Stouffer's method on one-sided "
+        f"mid-p values. A difference is called a gain or a loss only when the combined p < {ALPHA}. Measures: "
+        "**clean** accuracy and the adaptive **worst case**.", "",
+        analysis.significance_table(rows)])
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return float(np.mean(present)) if present else None
+
+
+def _reading(results: Results) -> str:
+    """One sentence per compared row, from the tests, and the paper-vs-adaptive gap per row."""
+    by_key = {r.key: r for r in results.rows}
+    lines = ["## Reading, generated from the tests above", ""]
+    for row in (r for r in results.rows if r.base is not None):
+        stats = row.stats()
+        base = by_key[row.base]
+        lines.append(f"- **{row.label}** vs {base.label}: clean {_said(stats['clean'])}; worst case "
+                     f"{_said(stats['worst'])}. Paper-protocol minus worst case: {_gap(row)} "
+                     f"(base: {_gap(base)}).")
+    lines += ["", _open_question(results)]
+    return "\n".join(lines)
+
+
+def _said(stats: dict[str, Any]) -> str:
+    return f"{stats['verdict']} ({100 * stats['difference']:+.2f} points, p = {stats['combined_p']:.2g})"
+
+
+def _gap(row: TableRow) -> str:
+    paper = _mean(row.values["paper-autoattack"]) or _mean(row.values["paper-pgd100"]) \
+        or _mean(row.values["paper-pgd10"])
+    worst = _mean(row.values["worst"])
+    return "-" if paper is None or worst is None else f"{100 * (paper - worst):.2f} points"
+
+
+def _open_question(results: Results) -> str:
+    """Does any dummy-class row keep a significant clean gain with honest robustness >= PGD-AT's?"""
+    pgd_at = next(r for r in results.rows if r.key == "pgd_at")
+    floor = _mean(pgd_at.values["worst"])
+    keepers = []
+    for row in (r for r in results.rows if r.base is not None):
+        stats = row.stats()
+        if stats["clean"]["verdict"] == "gain" and (_mean(row.values["worst"]) or 0) >= (floor or 0):
+            keepers.append(row.label)
+    answer = ", ".join(keepers) if keepers else "none"
+    return (f"Open question: which dummy-class runs keep a significant clean-accuracy gain over their base while "
+            f"their adaptive worst case is at least PGD-AT's ({100 * (floor or 0):.2f}%)? At this scale: **{answer}**.")
+
+
+def _paper_figures(results: Results, link: dict[str, str], scale: Scale) -> str:
+    f = results.figures
+    overlap, sink = f["overlap"], f["confusion"]["sink_rate"]
+    lines = ["## Always-failed examples across the four base defenses (paper fig. 2)", "",
+             f"Uniformly defended by all four: {100 * overlap['uniform_defended']:.1f}%; uniformly failed: "
+             f"{100 * overlap['uniform_failed']:.1f}% (the paper reports > 80% together on CIFAR-10).", "",
+             f"![]({link['fig2']})", "", "## Transfer between robust models (paper fig. 3)", "", f"![]({link['fig3']})",
+             "", "## The hard-label toy case (paper fig. 4)", "", f"![]({link['fig4']})", "",
+             "## Accuracy-robustness trade-off (paper fig. 5 / table 2)", "",
+             "SOTA points are the paper's table 2 (CIFAR-10, ResNet-18, AutoAttack); this grid's points are only "
+             "comparable among themselves.", "", f"![]({link['fig5']})", "",
+             "## Training time per epoch, measured (paper fig. 6)", "",
+             "Median epoch time (training only), each run's first epoch left out; DUCAT: its DUCAT epochs only.", "",
+             f"![]({link['fig6']})", "", "## Ablations of PGD-AT + DUCAT, seed 0 (paper figs. 7 and 9)", ""]
+    lines += [f"![]({link[f'fig7_{param}']})" for param in f["ablations"]]
+    lines += ["", "## Where the paper's attack sends inputs (paper fig. 8)", "",
+              f"Raw 2C predictions of PGD-AT + DUCAT (seed 0) under the paper-protocol PGD-10. Sink rate: "
+              f"{'n/a' if sink is None else f'{100 * sink:.1f}%'} of the attacked examples land in the dummy of "
+              "their own class.", "", f"![]({link['fig8']})", "",
+              "## Penultimate features, t-SNE (paper fig. 10)", "", f"![]({link['fig10']})", "",
+              "## Targeted attacks (paper table 4)", "", analysis.targeted_table(f["targeted"]), "",
+              "## Training curves (seed 0)", "", f"![]({link['curves']})"]
+    return "\n".join(lines)
