@@ -205,3 +205,21 @@ def test_eval_bad_input_is_one_line_and_exit_2(args, needle, ducat_run, capsys):
     err = capsys.readouterr().err
     assert err.startswith("ducat: error: ") and err.count("\n") == 1, err
     assert needle in err
+
+
+@pytest.mark.parametrize("is_dummy", [True, False])
+def test_the_report_lists_exactly_the_attacks_of_the_plan(is_dummy):
+    """The plan is the one list of attacks: every spec run appears in report.json and report.md, nothing else."""
+    model = DummyClassModel(SinkNet(), make_pairing(C)) if is_dummy else nn.Sequential(nn.Flatten(), nn.Linear(16, C))
+    x, y = sink_data(12)
+    settings = EvalSettings(eps=0.3, attacks=("pgd10", "dawa", "margin", "targeted", "eps-sweep"), dawa_steps=3)
+    plan = build_plan(settings, is_dummy)
+    report = evaluate(model, x, y, settings, progress=False)
+    at_eval_eps = {s.key for s in plan if s.eps_factor == 1.0}
+    listed = {r["id"] for r in report.results if r["protocol"] == r["id"].split("-")[0] or r["id"] in at_eval_eps}
+    assert at_eval_eps <= listed and {r["id"] for r in report.results if r["protocol"] == "adaptive"} <= at_eval_eps
+    assert {s.key for s in plan} <= set(report.masks)  # the sweep's results too
+    markdown = report.to_markdown()
+    assert all(f"`{key}`" in markdown for key in at_eval_eps)
+    assert markdown.count("\n- `") == len({r["id"] for r in report.results})
+    assert set(report.worst_case["attacks"]) == {s.key for s in plan if s.in_worst_case}

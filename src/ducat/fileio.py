@@ -29,7 +29,7 @@ import signal
 import socket
 import time
 from pathlib import Path
-from typing import Self
+from typing import BinaryIO, Callable, Self
 
 CRASH_ENV = "DUCAT_TEST_CRASH_AT"
 _crash_hits: dict[str, int] = {}
@@ -71,11 +71,16 @@ def temp_path(path: Path, kind: str = "tmp") -> Path:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash or a concurrent writer leaves one complete version."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Like :func:`atomic_write_bytes`, with ``write(file)`` streaming the content (large arrays)."""
     path = Path(path)
     tmp = temp_path(path)
     try:
         with open(tmp, "xb") as f:  # "x": exclusive creation, never another writer's temporary
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         crash_point("temp-written", path.name)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 DATASET_NAMES = ("digits", "FashionMNIST", "CIFAR10", "CIFAR100", "TinyImageNet")
@@ -99,3 +101,16 @@ class TensorData:
 
     def to(self, device: torch.device | str) -> "TensorData":
         return TensorData(self.images.to(device), self.labels.to(device))
+
+
+def tensor_data(images: np.ndarray, labels: np.ndarray) -> TensorData:
+    """A split from numpy arrays: uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
+    return TensorData(torch.from_numpy(np.require(images, np.uint8, ["C", "W"])),
+                      torch.from_numpy(np.require(labels, np.int64, ["C", "W"])))
+
+
+def need_root(name: str, root: Path | None, how: str) -> Path:
+    """``root``, or a DataError saying that ``name`` needs one and ``how`` to get the data."""
+    if root is None:
+        raise DataError(f"{name} needs a data root (data.root / root=...) holding its files; {how}")
+    return root

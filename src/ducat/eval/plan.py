@@ -187,7 +187,7 @@ def build_plan(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
                                    note="attacks the raw 2C logits, scored after the projection"))
             if Protocol.RAW_AUTOATTACK in s.protocols:
                 plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, View.RAW,
-                                       "AutoAttack, raw 2C argmax", None, scoring=Scoring.RAW_ARGMAX,
+                                       "AutoAttack", None, scoring=Scoring.RAW_ARGMAX,
                                        rescores=AttackId.PAPER_AUTOATTACK, note="the released code's call"))
         if has("targeted"):
             plan += [

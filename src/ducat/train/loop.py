@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -25,10 +24,12 @@ from ducat.train.setup import (
     ducat_active,
     learning_rate,
     load_data,
+    training_autocast,
+    use_channels_last,
     wrap_distributed,
 )
 from ducat.train.state import RunError, RunResult, RunState
-from ducat.train.validate import validate_model
+from ducat.train.validate import epoch_validation
 
 
 def predict(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
@@ -61,7 +62,8 @@ class Trainer:
             if self.device.type != "cuda":
                 raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if self._channels_last():
+        self.channels_last = use_channels_last(config.run, self.device)
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config)
         self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
@@ -71,15 +73,6 @@ class Trainer:
         if config.run.compile:
             self.model.compile()  # in place: state_dict keys and isinstance checks are unchanged
         self.objective = build_objective(config, self.generator, wrap_distributed(self.model, self.dist, self.device))
-
-    def _channels_last(self) -> bool:
-        setting = self.config.run.channels_last
-        return setting == "on" or (setting == "auto" and self.device.type == "cuda")
-
-    def autocast(self):
-        amp = self.config.run.amp
-        use = amp == "bf16" or (amp == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported())
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if use else nullcontext()
 
     def _restore(self) -> None:
         state = self.state.restore(max_bytes=checkpoint_size_limit(self.model))
@@ -111,9 +104,9 @@ class Trainer:
             if self.dist.enabled:  # every rank drew the same global batch; train on this rank's share
                 mine = self.dist.shard(len(y))
                 x, y = x[mine], y[mine]
-            if self._channels_last():
+            if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast():
+            with training_autocast(self.config.run, self.device):
                 out = self.objective(self.model, x, y, ducat_active=active, augment=self._augment)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
@@ -138,17 +131,6 @@ class Trainer:
         return {"train_loss": loss / seen, "train_adv_acc": adv / seen,
                 "train_clean_acc": clean / clean_n if clean_n else float("nan"),
                 "world_size": self.dist.world_size, "rank0_images": local_seen}
-
-    def validate(self) -> tuple[dict[str, Any], float]:
-        """The epoch's validation columns and the score that selects the best checkpoint."""
-        c = self.config
-        eval_split = self.val_data if len(self.val_data) else self.test_data
-        metrics = validate_model(self.model, eval_split, c, dist=self.dist)
-        row = {f"val_{k}": v for k, v in metrics.items()}
-        if c.validation.select != "test" or eval_split is self.test_data:
-            return row, metrics["pgd_acc"]
-        test_metrics = validate_model(self.model, self.test_data, c, dist=self.dist)
-        return row | {f"test_{k}": v for k, v in test_metrics.items()}, test_metrics["pgd_acc"]
 
     def run(self, until_epoch: int | None = None) -> RunResult | None:
         """Train from the start epoch to the last (or to ``until_epoch``, leaving the run resumable and
@@ -181,7 +163,7 @@ class Trainer:
         row.update(self.train_epoch(epoch, progress))
         row["epoch_time_s"] = time.perf_counter() - t0
         row["train_images_per_s"] = len(self.train_data) / row["epoch_time_s"]
-        metrics, score = self.validate()
+        metrics, score = epoch_validation(self.model, self.val_data, self.test_data, c, self.dist)
         row.update(metrics)
         # A DUCAT run's best checkpoint is chosen among its DUCAT epochs: earlier epochs are the plain
         # base method and would make "the DUCAT model" a PGD-AT model in disguise.

@@ -3,6 +3,7 @@ and the process-wide runtime settings (set by the caller, never by a constructor
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,6 +24,17 @@ def setup_runtime(run: RunConfig) -> None:
         torch.set_num_threads(run.threads)
     if run.deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+def use_channels_last(run: RunConfig, device: torch.device) -> bool:
+    """Whether the run keeps the model and its inputs channels_last (``run.channels_last``; auto = on CUDA)."""
+    return run.channels_last == "on" or (run.channels_last == "auto" and device.type == "cuda")
+
+
+def training_autocast(run: RunConfig, device: torch.device):
+    """The autocast context of the training step: bf16 per ``run.amp`` (auto = on CUDA with bf16), else none."""
+    use = run.amp == "bf16" or (run.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
 
 
 def learning_rate(epoch: int, config: TrainConfig) -> float:

@@ -12,6 +12,19 @@ from ducat.distributed import DistContext
 from ducat.dummy import deployed
 
 
+def epoch_validation(model: nn.Module, val: TensorData, test: TensorData | None, config: TrainConfig,
+                     dist: DistContext) -> tuple[dict[str, float], float]:
+    """An epoch's validation columns (``val_*``, and ``test_*`` when the test split selects) and the score
+    that selects the best checkpoint (PGD accuracy on the selecting split)."""
+    eval_split = val if len(val) else test
+    metrics = validate_model(model, eval_split, config, dist=dist)
+    row = {f"val_{k}": v for k, v in metrics.items()}
+    if config.validation.select != "test" or eval_split is test:
+        return row, metrics["pgd_acc"]
+    test_metrics = validate_model(model, test, config, dist=dist)
+    return row | {f"test_{k}": v for k, v in test_metrics.items()}, test_metrics["pgd_acc"]
+
+
 def validate_model(model: nn.Module, data: TensorData, config: TrainConfig, seed: int = 0,
                    dist: DistContext = DistContext()) -> dict[str, float]:
     """Clean and PGD accuracy (fractions) of the deployed classifier on the first ``validation.n_examples``
