@@ -68,21 +68,27 @@ def load_into_run_model(config: TrainConfig, weights: dict[str, torch.Tensor], s
     return widen_model(plain, make_pairing(num_classes, config.ducat.pairing_seed), dummy_init=config.ducat.dummy_init)
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path stands for: a file itself; a run directory's ``best.pt``, else its ``last.pt``."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    found = next((p for p in (path / "best.pt", path / "last.pt") if p.is_file()), None)
+    if found is None:
+        raise CheckpointError(f"run directory '{path}' has no best.pt or last.pt")
+    return found
+
+
 def model_from_checkpoint(path: str | Path) -> tuple[nn.Module, TrainConfig, dict[str, Any]]:
     """Rebuild the model of a ducat checkpoint (or run directory) with its saved config."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = [path / "best.pt", path / "last.pt"]
-        found = next((p for p in candidates if p.is_file()), None)
-        if found is None:
-            raise CheckpointError(f"run directory '{path}' has no best.pt or last.pt")
-        path = found
+    path = resolve_checkpoint(path)
     state = load_checkpoint(path)
     saved = checkpoint_config(state, path)
     if saved is None:
         raise CheckpointError(f"checkpoint '{path}' has no ducat config; build the model yourself and "
                               "pass it to ducat.evaluate (or use --model/--dataset)")
     saved.setdefault("finetune", {})["checkpoint"] = None  # the source may be gone; not needed here
+    saved.setdefault("run", {})["out"] = str(path.parent)  # where it was trained may be gone or reused
     config = config_from_dict(saved)
     model = load_into_run_model(config, state["model"], str(path))
     return model, config, state

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from ducat.data import dataset_info, load_split
 from ducat.dummy import DummyClassModel
 from ducat.eval.plan import EvalSettings, build_plan
 from ducat.eval.report import EvalReport, build_report, write_report
-from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan
+from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan, tensor_digest
+from ducat.provenance import file_sha256, provenance
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
@@ -47,20 +47,22 @@ def load_target(target: Path, dataset: str | None = None,
     """(model, dataset name, training eps or None, checkpoint facts) for a run directory, a ducat
     checkpoint, or a foreign state dict (``model_name`` and ``dataset`` given)."""
     from ducat.models import build_model
-    from ducat.runs import model_from_checkpoint
+    from ducat.runs import model_from_checkpoint, resolve_checkpoint
 
     if not target.exists():
         raise CheckpointError(f"checkpoint '{target}' does not exist")
     if model_name is None:
-        model, config, state = model_from_checkpoint(target)
-        return model, config.data.dataset, config.attack.eps, {"epoch": state.get("epoch")}
+        path = resolve_checkpoint(target)
+        model, config, state = model_from_checkpoint(path)
+        return model, config.data.dataset, config.attack.eps, {"path": str(path), "epoch": state.get("epoch"),
+                                                               "sha256": file_sha256(path)}
     if dataset is None:
         raise ConfigError("--model needs --dataset (the model's classes and input shape come from it)")
     info = dataset_info(dataset)
     model = build_model(model_name, info.num_classes, info.in_channels)
     weights = load_checkpoint(target, max_bytes=checkpoint_size_limit(model))["model"]
     load_weights(model if any(k.startswith("net.") for k in weights) else model.net, weights, str(target))
-    return model, dataset, None, {}
+    return model, dataset, None, {"path": str(target), "epoch": None, "sha256": file_sha256(target)}
 
 
 def default_output(target: Path) -> Path:
@@ -91,7 +93,8 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
     dev = select_device(device)
     x, y = (test.images[:n].float() / 255).to(dev), test.labels[:n].to(dev)
     out = Path(out) if out is not None else default_output(target)
-    report = evaluate(model.to(dev), x, y, config, cache_dir=out / "eval_cache", progress=progress,
-                      provenance={"command": " ".join(sys.argv)})
+    facts = provenance(str(dev)) | {"checkpoint": facts, "examples": f"first {n} of the {dataset} test split",
+                                    "examples_sha256": tensor_digest(x, y)}
+    report = evaluate(model.to(dev), x, y, config, cache_dir=out / "eval_cache", progress=progress, provenance=facts)
     write_report(report, out)
     return report

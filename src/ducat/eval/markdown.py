@@ -32,7 +32,8 @@ def report_markdown(report: "EvalReport") -> str:
         lines += ["", "Eps sweep (PGD-10; at the evaluation eps it is the PGD-10 row): " + ", ".join(
             f"{row['eps']:.3g}: {pct(row['adaptive'])}" + (f" (paper {pct(row['paper'])})" if row.get("paper")
                                                           is not None else "") for row in report.eps_sweep)]
-    lines += ["", "Sanity checks:"] + [f"- {c['status']}: {c['check']}" for c in report.sanity]
+    lines += ["", "Sanity checks:"] + ([f"- {c['status']}: {c['check']}" for c in report.sanity]
+                                       or ["- none applies to the attacks run"])
     lines += _provenance(report.provenance)
     lines += ["", f"Wall time {report.wall_time_s:.1f} s."]
     return "\n".join(lines)
@@ -80,9 +81,9 @@ def _provenance(provenance: dict[str, Any]) -> list[str]:
     lines = ["", "Provenance:"]
     checkpoint = provenance.get("checkpoint")
     if checkpoint:
-        lines.append(f"- checkpoint scored: `{checkpoint['path']}` (epoch {checkpoint.get('epoch', '?')}, "
-                     f"SHA-256 {checkpoint['sha256']})")
-    for key in ("ducat", "git_commit", "torch", "pyautoattack", "device", "command", "examples_sha256"):
+        epoch = "" if checkpoint.get("epoch") is None else f"epoch {checkpoint['epoch']}, "
+        lines.append(f"- checkpoint scored: `{checkpoint['path']}` ({epoch}SHA-256 {checkpoint['sha256']})")
+    for key in ("examples", "examples_sha256", "ducat", "git_commit", "torch", "pyautoattack", "device", "command"):
         if provenance.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: `{provenance[key]}`")
     return lines

@@ -52,6 +52,7 @@ class Trainer:
             self.device = select_device(config.run.device)  # a CUDA device on a machine without one
         except ValueError as exc:
             raise RunError(str(exc)) from None
+        self.state.device = str(self.device)
         self.dist = context_from_env(config.run.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import yaml
+
 from ducat.checkpoint import CheckpointError, check_training_state, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
 from ducat.fileio import atomic_write_bytes
+from ducat.provenance import file_sha256, provenance
 
 
 class RunError(RuntimeError):
@@ -45,8 +48,8 @@ class RunState:
     """The run directory of one config, and the run's progress through it: the last good checkpoint,
     the best epoch so far and the wall time of earlier attempts (``elapsed_s``)."""
 
-    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print):
-        self.config, self.log = config, log
+    def __init__(self, config: TrainConfig, log: Callable[[str], None] = print, device: str | None = None):
+        self.config, self.log, self.device = config, log, device
         self.run_dir = Path(config.run.out)
         self.saved: tuple[Path, int] | None = None  # the last good checkpoint of this run and its epoch
         self.best_metric, self.best_epoch, self.elapsed_s = -math.inf, 0, 0.0
@@ -92,7 +95,8 @@ class RunState:
         """Create the directory and write ``config.yaml``; drop rows of an attempt that crashed before its
         first checkpoint."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.run_dir / "config.yaml", describe(self.config).encode())
+        facts = yaml.safe_dump({"provenance": provenance(self.device)}, sort_keys=False)
+        atomic_write_bytes(self.run_dir / "config.yaml", (describe(self.config) + facts).encode())
         if not resume:
             self.truncate_metrics(start_epoch - 1)
 
@@ -155,6 +159,7 @@ class RunState:
                   str(self.run_dir / "model.safetensors"), metadata={"config": self.config.to_json()})
         summary = {"run_dir": str(self.run_dir), "epochs": self.config.optim.epochs, "best_epoch": self.best_epoch,
                    "selected_on": self.config.validation.select, "best": best, "last": last,
-                   "wall_time_s": wall_time_s}
+                   "wall_time_s": wall_time_s, "best_checkpoint_sha256": file_sha256(self.run_dir / "best.pt"),
+                   "provenance": provenance(self.device)}
         atomic_write_bytes(self.run_dir / "summary.json", json.dumps(summary, indent=2).encode())
         return RunResult(self.run_dir, self.config.optim.epochs, self.best_epoch, best, last, wall_time_s)
