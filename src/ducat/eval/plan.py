@@ -81,7 +81,8 @@ PAPER_COUNTERPART = {AttackId.PGD10: AttackId.PAPER_PGD10, AttackId.PGD100: Atta
                      AttackId.AUTOATTACK: AttackId.PAPER_AUTOATTACK,
                      AttackId.TARGETED_ORIGINAL: AttackId.PAPER_TARGETED_ORIGINAL}
 
-ATTACK_NAMES = ("pgd10", "pgd100", "autoattack", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
+ATTACK_NAMES = ("pgd10", "pgd100", "autoattack", "logsumexp", "logsumexp-autoattack", "dawa", "margin", "targeted",
+                "eps-sweep")
 FAST_ATTACKS = ("pgd10", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
@@ -173,65 +174,88 @@ def build_plan(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
     Standalone attacks (on every clean-correct example) come first; then, on a DUCAT model, the
     cumulative adaptive attacks (on the survivors of everything before them when ``early_stop``);
     then the eps sweep."""
-    from ducat.eval import attacks as a
-
-    has = settings.attacks.__contains__
-    s = settings
     plan: list[AttackSpec] = []
-    if is_dummy and Protocol.PAPER in s.protocols:
-        paper = Protocol.PAPER
-        plan += [AttackSpec(AttackId.PAPER_PGD10, paper, View.RAW, "PGD-10", a.pgd(View.RAW, 10))] * has("pgd10")
-        plan += [AttackSpec(AttackId.PAPER_PGD100, paper, View.RAW, "PGD-100", a.pgd(View.RAW, 100))] * has("pgd100")
-        if has("autoattack"):
-            plan.append(AttackSpec(AttackId.PAPER_AUTOATTACK, paper, View.RAW, "AutoAttack", a.autoattack(View.RAW),
-                                   note="attacks the raw 2C logits, scored after the projection"))
-            if Protocol.RAW_AUTOATTACK in s.protocols:
-                plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, View.RAW,
-                                       "AutoAttack", None, scoring=Scoring.RAW_ARGMAX,
-                                       rescores=AttackId.PAPER_AUTOATTACK, note="the released code's call"))
-        if has("targeted"):
-            plan += [
-                AttackSpec(AttackId.PAPER_TARGETED_ORIGINAL, paper, View.RAW, "targeted PGD-10 (original classes)",
-                           a.targeted_random(View.RAW, dummy_targets=False)),
-                AttackSpec(AttackId.PAPER_TARGETED_DUMMY, paper, View.RAW, "targeted PGD-10 (dummy classes)",
-                           a.targeted_random(View.RAW, dummy_targets=True)),
-                AttackSpec(AttackId.PAPER_ORIGINAL_LOGITS, paper, View.ORIGINAL, "PGD-10 on original logits",
-                           a.pgd(View.ORIGINAL, 10))]
-    if Protocol.ADAPTIVE in s.protocols or not is_dummy:
+    if is_dummy and Protocol.PAPER in settings.protocols:
+        plan += _paper(settings)
+    if Protocol.ADAPTIVE in settings.protocols or not is_dummy:
         plan += _adaptive(settings, is_dummy)
-    if has("eps-sweep"):
+    if "eps-sweep" in settings.attacks:
         plan += _sweep(settings, is_dummy)
     return plan
 
 
+def _paper(settings: EvalSettings) -> list[AttackSpec]:
+    """The paper's protocol: the attacks' own losses on the raw 2C logits, projected scoring."""
+    from ducat.eval import attacks as a
+
+    has, paper, raw = settings.attacks.__contains__, Protocol.PAPER, View.RAW
+    plan = []
+    if has("pgd10"):
+        plan.append(AttackSpec(AttackId.PAPER_PGD10, paper, raw, "PGD-10", a.pgd(raw, 10)))
+    if has("pgd100"):
+        plan.append(AttackSpec(AttackId.PAPER_PGD100, paper, raw, "PGD-100", a.pgd(raw, 100)))
+    if has("autoattack"):
+        plan.append(AttackSpec(AttackId.PAPER_AUTOATTACK, paper, raw, "AutoAttack", a.autoattack(raw),
+                               note="attacks the raw 2C logits, scored after the projection"))
+        if Protocol.RAW_AUTOATTACK in settings.protocols:
+            plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, raw, "AutoAttack", None,
+                                   scoring=Scoring.RAW_ARGMAX, rescores=AttackId.PAPER_AUTOATTACK,
+                                   note="the released code's call"))
+    if has("targeted"):
+        plan += [AttackSpec(AttackId.PAPER_TARGETED_ORIGINAL, paper, raw, "targeted PGD-10 (original classes)",
+                            a.targeted_random(raw, dummy_targets=False)),
+                 AttackSpec(AttackId.PAPER_TARGETED_DUMMY, paper, raw, "targeted PGD-10 (dummy classes)",
+                            a.targeted_random(raw, dummy_targets=True)),
+                 AttackSpec(AttackId.PAPER_ORIGINAL_LOGITS, paper, View.ORIGINAL, "PGD-10 on original logits",
+                            a.pgd(View.ORIGINAL, 10))]
+    return plan
+
+
 def _adaptive(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+    """Attacks that know the projection: standalone ones first, then the cumulative ones."""
     from ducat.eval import attacks as a
 
     has, s, adaptive, projected = settings.attacks.__contains__, settings, Protocol.ADAPTIVE, View.MAX_MERGED
-    later = Scope.SURVIVORS if s.early_stop else Scope.CLEAN_CORRECT
-    note = "cumulative: run on survivors of the attacks above" if s.early_stop else ""
-    plan = [AttackSpec(AttackId.PGD10, adaptive, projected, "PGD-10", a.pgd(projected, 10))] * has("pgd10")
-    plan += [AttackSpec(AttackId.PGD100, adaptive, projected, "PGD-100", a.pgd(projected, 100))] * has("pgd100")
-    plan += [AttackSpec(AttackId.AUTOATTACK, adaptive, projected, "AutoAttack", a.autoattack(projected))] * has(
-        "autoattack")
-    plan += [AttackSpec(AttackId.TARGETED_ORIGINAL, adaptive, projected, "targeted PGD-10 (original classes)",
-                        a.targeted_random(projected, dummy_targets=False))] * has("targeted")
+    plan = []
+    if has("pgd10"):
+        plan.append(AttackSpec(AttackId.PGD10, adaptive, projected, "PGD-10", a.pgd(projected, 10)))
+    if has("pgd100"):
+        plan.append(AttackSpec(AttackId.PGD100, adaptive, projected, "PGD-100", a.pgd(projected, 100)))
+    if has("autoattack"):
+        plan.append(AttackSpec(AttackId.AUTOATTACK, adaptive, projected, "AutoAttack", a.autoattack(projected)))
+    if has("targeted"):
+        plan.append(AttackSpec(AttackId.TARGETED_ORIGINAL, adaptive, projected, "targeted PGD-10 (original classes)",
+                               a.targeted_random(projected, dummy_targets=False)))
     if is_dummy and has("dawa"):
         weights = ", ".join(f"{w:g}" for w in s.dawa_weights)
         plan.append(AttackSpec(AttackId.DAWA, adaptive, View.RAW, f"DAWA-style PGD-{s.dawa_steps}, w in {{{weights}}}",
                                a.dawa(), note="w CE(z, y) + (1-w) CE(z, dummy(y)) on raw 2C logits; "
                                               "first success over the weights"))
+    return plan + _cumulative(settings, is_dummy)
+
+
+def _cumulative(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+    """Adaptive attacks run on the survivors of everything before them (with ``early_stop``)."""
+    from ducat.eval import attacks as a
+
+    has, s, adaptive, projected, lse = (settings.attacks.__contains__, settings, Protocol.ADAPTIVE, View.MAX_MERGED,
+                                        View.LSE_MERGED)
+    later = Scope.SURVIVORS if s.early_stop else Scope.CLEAN_CORRECT
+    note = "cumulative: run on survivors of the attacks above" if s.early_stop else ""
+    plan = []
     if is_dummy and has("logsumexp"):
-        lse = View.LSE_MERGED
         plan.append(AttackSpec(AttackId.LSE_PGD100, adaptive, lse, "PGD-100, logsumexp-merged gradients",
                                a.pgd(lse, 100), scope=later, note=note))
-        plan += [AttackSpec(AttackId.LSE_AUTOATTACK, adaptive, lse, "AutoAttack, logsumexp-merged gradients",
-                            a.autoattack(lse), scope=later, note=note)] * has("autoattack")
-    plan += [AttackSpec(AttackId.MARGIN, adaptive, projected, f"PGD-100 margin, {s.margin_restarts} restarts",
-                        a.margin_restarts(), scope=later, note=note)] * has("margin")
-    plan += [AttackSpec(AttackId.TARGETED_TOP, adaptive, projected,
-                        f"PGD-100 targeted margin, top-{s.n_targets} classes", a.targeted_top(),
-                        scope=later, note=note)] * has("targeted")
+    if is_dummy and has("logsumexp-autoattack"):
+        plan.append(AttackSpec(AttackId.LSE_AUTOATTACK, adaptive, lse, "AutoAttack, logsumexp-merged gradients",
+                               a.autoattack(lse), scope=later, note=note))
+    if has("margin"):
+        plan.append(AttackSpec(AttackId.MARGIN, adaptive, projected, f"PGD-100 margin, {s.margin_restarts} restarts",
+                               a.margin_restarts(), scope=later, note=note))
+    if has("targeted"):
+        plan.append(AttackSpec(AttackId.TARGETED_TOP, adaptive, projected,
+                               f"PGD-100 targeted margin, top-{s.n_targets} classes", a.targeted_top(),
+                               scope=later, note=note))
     return plan
 
 
