@@ -29,6 +29,10 @@ def main_table(headers: list[str], rows: list[tuple[str, list[list[float | None]
 
 
 def _p(value: float) -> str:
+    """A p-value for a table: two significant digits, scientific below 0.001, a bound below 1e-16 (the
+    precision of the normal tail that Stouffer's combination goes through)."""
+    if value < 1e-16:
+        return "< 1e-16"
     return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
 
 

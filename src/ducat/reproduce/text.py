@@ -85,7 +85,8 @@ def _reading(results: Results) -> str:
 
 
 def _said(stats: dict[str, Any]) -> str:
-    return f"{stats['verdict']} ({100 * stats['difference']:+.2f} points, p = {stats['combined_p']:.2g})"
+    p = stats["combined_p"]
+    return f"{stats['verdict']} ({100 * stats['difference']:+.2f} points, p {'< 1e-16' if p < 1e-16 else f'= {p:.2g}'})"
 
 
 def _gap(row: TableRow) -> str:
