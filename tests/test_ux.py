@@ -220,3 +220,427 @@ def test_validation_attacks_with_the_training_norm(monkeypatch):
 def test_attack_norm_is_checked(capsys):
     assert main(["train", DIGITS, "attack.norm=L1"]) == 2
     assert "unknown attack.norm 'L1'; choose one of: Linf, L2" in one_line_error(capsys)
+
+
+# --- ducat presets and the cost model -----------------------------------------------------------------------
+
+def test_presets_table_hides_base_presets_and_describes_every_other(capsys):
+    from ducat.config import base_presets, preset_names
+
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    header, table = out.split("\n\n", 1)
+    assert "not a measurement" in header and "est. CPU" in header and "est. GPU" in header
+    assert "assumed" in header and "calibrated" in header and "--all" in header
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
+    bases = base_presets()
+    assert bases >= {"cpu-digits", "cpu-fmnist", "paper-cifar10"} and not bases & set(rows)
+    assert set(rows) == set(preset_names()) - bases
+    for name, cells in rows.items():
+        config = load_config(name, ["run.out=x"])
+        assert cells[1:5] == [config.data.dataset, config.model.name, cells[3], str(config.optim.epochs)]
+        assert cells[3].startswith(config.method.name) and ("+DUCAT" in cells[3]) == config.ducat.enabled
+    assert rows["cpu-digits-small_cnn-pgd_at-toy"][3] == "pgd_at+DUCAT-toy"
+    assert rows["cpu-digits-small_cnn-pgd_at-ducat"][3] == "pgd_at+DUCAT"
+    assert main(["presets", "--all"]) == 0
+    marked = [line.split()[0] for line in capsys.readouterr().out.split("\n\n", 1)[1].splitlines() if "(base)" in line]
+    assert sorted(marked) == sorted(bases)
+
+
+def _config(preset: str, *overrides: str):
+    return load_config(preset, ["run.out=x", "optim.milestones=[]", *overrides])
+
+
+def test_estimate_is_proportional_to_epochs():
+    from ducat.presets import CPU_2_CORES, ONE_GPU, estimate_seconds, training_work
+
+    short, long = _config("cpu-fmnist-small_cnn-pgd_at", "optim.epochs=5"), _config(
+        "cpu-fmnist-small_cnn-pgd_at", "optim.epochs=10")
+    assert training_work(long).flops == 2 * training_work(short).flops
+    assert training_work(long).passes == 2 * training_work(short).passes
+    for device in (CPU_2_CORES, ONE_GPU):
+        assert estimate_seconds(long, device) == pytest.approx(2 * estimate_seconds(short, device))
+
+
+def test_estimate_counts_views_attack_steps_and_ducat_epochs():
+    from ducat.presets import forward_flops, training_work
+
+    no_validation = ["validation.n_examples=1", "validation.pgd_steps=0"]
+    pgd_at = training_work(_config("cpu-fmnist-small_cnn-pgd_at", *no_validation)).flops
+    consistency = training_work(_config("cpu-fmnist-small_cnn-consistency", *no_validation)).flops
+    assert consistency / pgd_at == pytest.approx(2, rel=1e-3)  # two augmented views, each a PGD-AT image
+    k20 = training_work(_config("cpu-fmnist-small_cnn-pgd_at", "attack.steps=20", *no_validation)).flops
+    assert k20 / pgd_at == pytest.approx((2 * 20 + 3) / (2 * 10 + 3), rel=1e-3)  # (2K + 3) F per image
+    # a DUCAT epoch forwards [x; x']: (2K + 6) F instead of (2K + 3) F, on the 2C model
+    config = _config("cpu-fmnist-small_cnn-pgd_at-ducat", "ducat.start_epoch=1", *no_validation)
+    plain_f = forward_flops(_config("cpu-fmnist-small_cnn-pgd_at"))
+    assert training_work(config).flops / pgd_at == pytest.approx(26 / 23 * forward_flops(config) / plain_f, rel=1e-3)
+
+
+def test_estimate_charges_a_fixed_cost_per_pass():
+    from ducat.presets import Throughput, training_work
+
+    small, large = (training_work(_config("cpu-fmnist-small_cnn-pgd_at", f"data.batch_size={b}",
+                                          "validation.n_examples=1")) for b in (64, 128))
+    assert small.flops == large.flops and small.passes > 1.9 * large.passes
+    only_passes = Throughput("x", float("inf"), 1.0, "")
+    assert small.seconds(only_passes) == small.passes
+
+
+@pytest.mark.parametrize("model, dataset", [
+    pytest.param(*key, marks=pytest.mark.slow) if key[0] == "wrn28_10" else key
+    for key in __import__("ducat.presets", fromlist=["COUNTED_FLOPS"]).COUNTED_FLOPS])
+def test_counted_flops_are_what_count_flops_gives(model, dataset):
+    from ducat.presets import COUNTED_FLOPS, _forward_flops
+
+    _forward_flops.cache_clear()
+    assert _forward_flops(model, dataset) == COUNTED_FLOPS[(model, dataset)]
+
+
+# --- --threads, --version -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", [["quickstart"], ["eval", "/no/such/run"], ["reproduce", "--scale", "smoke",
+                                                                                 "--out", "/tmp/x"]])
+def test_threads_below_one_is_one_line(command, capsys):
+    assert main([*command, "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in one_line_error(capsys)
+
+
+def test_threads_are_set_before_the_evaluation_runs(monkeypatch, tmp_path):
+    import ducat.eval
+
+    seen = []
+    monkeypatch.setattr(ducat.eval, "evaluate_checkpoint", lambda *a, **k: seen.append(torch.get_num_threads()) or 1/0)
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(ZeroDivisionError):
+            main(["eval", str(tmp_path), "--threads", "1"])
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1]
+
+
+def test_version_is_printed_by_the_command():
+    import subprocess
+    import sys
+
+    from ducat import __version__
+
+    done = subprocess.run([sys.executable, "-m", "ducat", "--version"], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parents[1] / "src")
+    assert done.returncode == 0 and done.stdout == f"ducat {__version__}\n"
+
+
+# --- interrupts and wall time across resumes ----------------------------------------------------------------
+
+@pytest.mark.parametrize("with_checkpoint", [True, False])
+def test_interrupt_says_how_to_continue(with_checkpoint, tmp_path, monkeypatch, capsys):
+    import ducat.train
+
+    def interrupted(config, **kwargs):
+        if with_checkpoint:
+            (Path(config.run.out) / "last.pt").write_bytes(b"a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ducat.train, "train", interrupted)
+    tmp_path.mkdir(exist_ok=True)
+    assert main(["train", DIGITS, f"run.out={tmp_path}", "--epochs", "3"]) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ducat: interrupted; ")
+    if with_checkpoint:
+        assert err == f"ducat: interrupted; continue with: ducat train --resume {tmp_path}\n"
+    else:
+        assert "no epoch finished" in err and "--resume" not in err
+
+
+def test_wall_time_is_the_total_across_resumes(tmp_path):
+    from ducat.checkpoint import load_checkpoint
+
+    args = ["train", DIGITS, "--epochs", "3", f"run.out={tmp_path}", *TINY]
+    assert main([*args, "--until-epoch", "2"]) == 0
+    first = load_checkpoint(tmp_path / "last.pt")["wall_time_s"]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert first >= sum(r["epoch_time_s"] for r in rows) > 0
+    assert main(["train", "--resume", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    third = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[2])
+    assert third["epoch"] == 3 and summary["wall_time_s"] >= first + third["epoch_time_s"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_real_run_prints_the_resume_command_and_the_run_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "ducat", "train", DIGITS, "--epochs", "30", f"run.out={run_dir}",
+                                *TINY], cwd=Path(__file__).parents[1] / "src", stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run_dir / "last.pt").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert err.endswith(f"ducat: interrupted; continue with: ducat train --resume {run_dir}\n")
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 30
+
+
+# --- progress output ----------------------------------------------------------------------------------------
+
+def _train_process(run_dir: Path, **streams):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "ducat", "train", DIGITS, "--epochs", "3", f"run.out={run_dir}",
+            *[a for a in TINY if not a.startswith("run.progress")]]  # the default: run.progress=true
+    return subprocess.Popen(args, cwd=Path(__file__).parents[1] / "src", **streams)
+
+
+def test_a_log_file_gets_one_line_per_epoch_and_no_carriage_returns(tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "w") as f:
+        assert _train_process(tmp_path / "run", stdout=f, stderr=f).wait(timeout=300) == 0
+    text = log.read_text()
+    assert "\r" not in text
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+    assert all("val clean" in line and "val PGD" in line and "lr" in line for line in epochs)
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_live_bar_and_keeps_every_epoch_line(tmp_path):
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a 120-column terminal
+    process = _train_process(tmp_path / "run", stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 1 << 16)
+        except OSError:  # the terminal closed: the process is gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert process.wait(timeout=300) == 0
+    text = b"".join(chunks).decode(errors="replace")
+    assert "0/2 [" in text and "step" in text  # tqdm's bar: 2 steps of 50 images per epoch
+    lines = [line.split("\r")[-2 if line.endswith("\r") else -1] for line in text.split("\n")]  # as displayed
+    assert [line.split(":")[0] for line in lines if line.startswith("epoch ") and "loss" in line] == [
+        "epoch 1/3", "epoch 2/3", "epoch 3/3"]
+
+
+# --- ducat plot ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("runs")
+    for name, preset in (("plain", "cpu-digits-small_cnn-pgd_at"), ("ducat", DIGITS)):
+        assert main(["train", preset, "--epochs", "3", f"run.out={root / name}", *TINY]) == 0
+    return [root / "plain", root / "ducat"]
+
+
+def test_plot_writes_a_png_of_several_runs(two_runs, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "curves.png"
+    assert main(["plot", *map(str, two_runs), "--out", str(out), "--labels", "PGD-AT,PGD-AT+DUCAT"]) == 0
+    assert f"written to {out}" in capsys.readouterr().out
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import numpy as np
+
+    image = np.asarray(Image.open(out).convert("L"))
+    assert image.shape[1] > 1000 and len(np.unique(image)) > 20  # three panels drawn, not a blank canvas
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("labels", "need 2 distinct labels for 2 runs"),
+    ("missing", "no metrics file"),
+    ("suffix", "--out must name a .png file"),
+])
+def test_plot_bad_input_is_one_line(case, needle, two_runs, tmp_path, capsys):
+    runs = [*map(str, two_runs)]
+    args = {"labels": ["plot", *runs, "--labels", "one", "--out", str(tmp_path / "a.png")],
+            "missing": ["plot", runs[0], str(tmp_path / "nothing"), "--out", str(tmp_path / "a.png")],
+            "suffix": ["plot", *runs, "--out", str(tmp_path / "a.pdf")]}[case]
+    assert main(args) == 2
+    assert needle in one_line_error(capsys)
+    assert not (tmp_path / "a.png").exists()
+
+
+# --- what the eval report answers, provenance, eval mode, the L2 evaluation ---------------------------------
+
+def _report(results: dict[str, float], dummy_classes: bool = True):
+    from ducat.eval.report import EvalReport
+
+    rows = [{"id": key, "robust_accuracy": value} for key, value in results.items()]
+    return EvalReport(n_examples=100, epsilon=0.1, norm="Linf", clean_accuracy=0.9, results=rows, worst_case={},
+                      sink_rate=None, eps_sweep=[], sanity=[], settings={}, dummy_classes=dummy_classes,
+                      wall_time_s=0.0)
+
+
+def test_paper_autoattack_above_paper_pgd_is_warned_and_explained():
+    from ducat.eval.report import sanity_checks
+
+    warned = sanity_checks(_report({"paper-pgd10": 0.40, "paper-pgd100": 0.45, "paper-autoattack": 0.60}), {})
+    (check,) = [c for c in warned if "AutoAttack" in c["check"]]
+    assert check["status"] == "WARN"
+    assert "AutoAttack (60.00) above PGD (40.00)" in check["check"] and "dummy(y)" in check["check"]
+    for quiet in (_report({"paper-pgd10": 0.40, "paper-autoattack": 0.38}),
+                  _report({"paper-pgd10": 0.40, "paper-autoattack": 0.60}, dummy_classes=False)):
+        assert not any("AutoAttack" in c["check"] for c in sanity_checks(quiet, {}))
+
+
+def _tiny_ducat_model(seed: int = 0):
+    from ducat.data import load_split
+    from ducat.dummy import widen_model
+
+    torch.manual_seed(seed)
+    data = load_split("digits", None, train=True)
+    x, y = data.images[:512].float() / 255, data.labels[:512]
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    test = load_split("digits", None, train=False)
+    # random dummy rows: copied rows tie every raw 2C margin at exactly 0, on which pyautoattack's Square L2 fails
+    return widen_model(net.eval(), dummy_init="random"), test.images[:32].float() / 255, test.labels[:32]
+
+
+def test_the_eps_sweep_at_the_eval_eps_is_the_pgd10_row():
+    from ducat.eval import EvalSettings, build_plan, evaluate
+
+    model, x, y = _tiny_ducat_model()
+    settings = EvalSettings(eps=0.1, attacks=("pgd10", "eps-sweep"))
+    assert not any(spec.key.endswith("@eps-x1") for spec in build_plan(settings, is_dummy=True))
+    report = evaluate(model, x, y, settings, progress=False)
+    (at_eps,) = [row for row in report.eps_sweep if row["eps"] == pytest.approx(0.1)]
+    assert at_eps["adaptive"] == report.accuracy("adaptive-pgd10")
+    assert at_eps["paper"] == report.accuracy("paper-pgd10")
+    assert "at the evaluation eps it is the PGD-10 row" in report.to_markdown()
+
+
+def test_evaluation_runs_in_eval_mode_and_restores_the_mode():
+    from ducat.eval import EvalSettings, evaluate
+
+    model, x, y = _tiny_ducat_model()
+    model.train()
+    batch_norm = model.net[2]
+    running_mean = batch_norm.running_mean.clone()
+    modes = []
+    batch_norm.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    evaluate(model, x, y, EvalSettings(eps=0.1, attacks=("pgd10",)), progress=False)
+    assert modes and not any(modes)  # every forward pass of the evaluation saw BatchNorm in eval mode
+    assert torch.equal(batch_norm.running_mean, running_mean)  # a train-mode forward would have moved it
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_l2_evaluation_attacks_in_the_l2_ball_under_both_protocols(monkeypatch):
+    import ducat.eval.attacks as eval_attacks
+    from ducat.eval import EvalSettings, evaluate
+
+    crafted = []
+    real_pgd = eval_attacks.PGD
+
+    class RecordingPGD(real_pgd):
+        def __call__(self, x, y, target=None):
+            x_adv = super().__call__(x, y, target)
+            crafted.append((self.norm, (x_adv - x).flatten(1).norm(dim=1).max().item()))
+            return x_adv
+
+    monkeypatch.setattr(eval_attacks, "PGD", RecordingPGD)
+    model, x, y = _tiny_ducat_model()
+    report = evaluate(model, x, y, EvalSettings(eps=0.5, norm="L2", attacks=("pgd10",)), progress=False)
+    assert {r["id"] for r in report.results} == {"paper-pgd10", "adaptive-pgd10"}
+    assert crafted and all(norm == "L2" and size <= 0.5 + 1e-5 for norm, size in crafted)
+    assert report.worst_case["robust_accuracy"] <= min(report.accuracy("paper-pgd10"),
+                                                       report.accuracy("adaptive-pgd10"))
+
+
+@pytest.mark.slow
+def test_l2_evaluation_runs_pgd_and_autoattack_l2_under_both_protocols(monkeypatch):
+    import pyautoattack
+
+    from ducat.eval import EvalSettings, evaluate
+
+    norms = []
+
+    class RecordingAutoAttack(pyautoattack.AutoAttack):
+        def __init__(self, *args, **kwargs):
+            norms.append(kwargs["norm"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", RecordingAutoAttack)
+    model, x, y = _tiny_ducat_model()
+    report = evaluate(model, x[:16], y[:16], EvalSettings(eps=0.5, norm="L2", attacks=("pgd10", "autoattack")),
+                      progress=False)
+    ids = {r["id"] for r in report.results}
+    assert ids == {"paper-pgd10", "paper-autoattack", "raw-autoattack", "adaptive-pgd10", "adaptive-autoattack"}
+    assert report.norm == "L2" and norms == ["L2", "L2"]  # AutoAttack on the raw 2C logits and on the projection
+    worst = report.worst_case["robust_accuracy"]
+    assert report.worst_case["protocol"] == "adaptive"
+    assert worst <= min(report.accuracy(k) for k in ids - {"raw-autoattack"})
+    assert "L2 eps = 0.5" in report.to_markdown()
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("provenance")
+    run_dir, eval_dir = root / "run", root / "eval"
+    assert main(["train", DIGITS, "--epochs", "2", f"run.out={run_dir}", "run.device=cpu", *TINY]) == 0
+    assert main(["eval", str(run_dir), "--attacks", "pgd10", "--n-examples", "20", "--no-progress",
+                 "--out", str(eval_dir)]) == 0
+    return run_dir, eval_dir
+
+
+def test_the_report_names_the_checkpoint_it_scored(evaluated_run):
+    import hashlib
+
+    from ducat.checkpoint import load_checkpoint
+
+    run_dir, eval_dir = evaluated_run
+    scored = json.loads((eval_dir / "report.json").read_text())["provenance"]["checkpoint"]
+    assert Path(scored["path"]) == run_dir / "best.pt"
+    assert scored["sha256"] == hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+    assert scored["epoch"] == load_checkpoint(run_dir / "best.pt")["epoch"]
+    markdown = (eval_dir / "report.md").read_text()
+    assert f"`{run_dir / 'best.pt'}` (epoch {scored['epoch']}, SHA-256 {scored['sha256']})" in markdown
+
+
+def test_provenance_in_config_summary_and_report(evaluated_run):
+    import hashlib
+    import subprocess
+
+    import yaml
+
+    import ducat
+
+    run_dir, eval_dir = evaluated_run
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["provenance"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    report = json.loads((eval_dir / "report.json").read_text())["provenance"]
+    head = subprocess.run(["git", "-C", str(Path(ducat.__file__).parent), "rev-parse", "HEAD"], capture_output=True,
+                          text=True)
+    for facts in (saved, summary["provenance"], report):
+        assert facts["ducat"] == ducat.__version__ and facts["torch"] == torch.__version__.split("+")[0]
+        assert facts["device"] == "cpu" and facts["command"]
+        if head.returncode == 0:
+            assert facts["git_commit"].startswith(head.stdout.strip())
+    assert summary["best_checkpoint_sha256"] == hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{64}", report["examples_sha256"])
+    assert report["examples"] == "first 20 of the digits test split"

@@ -151,11 +151,11 @@ class PresetRow:
 
 
 def method_label(config: TrainConfig, is_base: bool) -> str:
-    """``pgd_at``, ``pgd_at+DUCAT``, ``pgd_at+DUCAT toy`` (hard labels, beta1 = beta2 = 1), or ``(base)``."""
+    """``pgd_at``, ``pgd_at+DUCAT``, ``pgd_at+DUCAT-toy`` (hard labels, beta1 = beta2 = 1), or ``(base)``."""
     if is_base:
         return "(base)"
     u = config.ducat
-    toy = " toy" if u.enabled and u.beta1 == 1.0 and u.beta2 == 1.0 else ""
+    toy = "-toy" if u.enabled and u.beta1 == 1.0 and u.beta2 == 1.0 else ""
     return config.method.name + ("+DUCAT" if u.enabled else "") + toy
 
 
