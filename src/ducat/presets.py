@@ -47,10 +47,16 @@ class Throughput:
         return f"{self.label}: {rate} and {1e3 * self.s_per_pass:.2g} ms per pass, {self.source}"
 
 
-# Calibrated on this project's machine (2-core AMD EPYC, torch 2.14.1, fp32, torch's default 2 threads): the
-# two unknowns solved from measured epochs of two presets at opposite ends of the model size (README, "Presets").
-CPU_2_CORES = Throughput("CPU, 2 cores", 60e9, 2e-3,
-                         "calibrated on this project's 2-core AMD EPYC (fp32, 2 threads) from measured epochs")
+# Calibrated on this project's machine (2-core AMD EPYC, torch 2.14.1, fp32, torch's default 2 threads, idle),
+# the two unknowns solved from two measured training epochs (validation excluded) at opposite ends of the model
+# size: cpu-digits-small_cnn-pgd_at, 1,221 images of 8x8 (F = 1.29 MFLOP), 1.055 s (median of 30 epochs, the
+# lead's idle quickstart run); cpu-fmnist-small_cnn-pgd_at, 3,600 images of 28x28 (F = 9.79 MFLOP), 8.0 s
+# (docs/results.md, idle re-measurement). Checked against epochs it was not fitted to: Fashion-MNIST PGD-AT+DUCAT
+# 8.9 s estimated / 8.4 s measured, Consistency-AT 14.9 / 14.4, MART 8.9 / 8.0, TRADES 9.3 / 7.4; the whole
+# 30-epoch digits PGD-AT run, validation and checkpoints included, 34.3 / 35.0 s.
+CPU_2_CORES = Throughput("CPU, 2 cores", 117e9, 1.7e-3,
+                         "calibrated on measured small-CNN epochs on this project's idle 2-core AMD EPYC (fp32, "
+                         "2 threads); for larger models an extrapolation")
 # Assumed, not measured: an A100-class GPU in bf16 autocast sustaining a third of the A100's 312 TFLOP/s dense
 # bf16 peak (docs/performance.md projects 30-50%), and 0.5 ms per pass (about 50-100 kernel launches).
 ONE_GPU = Throughput("1 GPU", 100e12, 5e-4, "assumed for one A100-class GPU in bf16 (not measured)")
@@ -199,7 +205,8 @@ def presets_table(include_base: bool = False) -> str:
         "measurement.",
         f"  est. CPU = {CPU_2_CORES.describe()}",
         f"  est. GPU = {ONE_GPU.describe()}",
-        "Base presets (recipes the others inherit with base:) are " +
+        "Other jobs on the same cores make a run several times longer. Base presets (recipes the others inherit "
+        "with base:) are " +
         ("marked (base)." if include_base else "hidden; --all shows them."),
         ""]
     for row in cells:
