@@ -644,3 +644,16 @@ def test_provenance_in_config_summary_and_report(evaluated_run):
     assert summary["best_checkpoint_sha256"] == hashlib.sha256((run_dir / "best.pt").read_bytes()).hexdigest()
     assert re.fullmatch(r"[0-9a-f]{64}", report["examples_sha256"])
     assert report["examples"] == "first 20 of the digits test split"
+
+
+def test_eval_defaults_to_the_training_norm_and_refuses_a_mismatched_default_eps(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", DIGITS, "--epochs", "2", "attack.norm=L2", "attack.eps=0.5", "attack.step_size=0.125",
+                 f"run.out={run_dir}", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run_dir), "--norm", "Linf", "--attacks", "pgd10"]) == 2
+    assert "the run was trained against L2; give --eps" in one_line_error(capsys)
+    assert main(["eval", str(run_dir), "--attacks", "pgd10", "--n-examples", "10", "--no-progress",
+                 "--out", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["norm"] == "L2" and report["epsilon"] == 0.5

@@ -47,6 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_train(args: argparse.Namespace) -> int:
     from ducat.train import setup_runtime, train
 
+    _hold_warnings()
     config = _train_config(args)
     if args.until_epoch is not None and not 1 <= args.until_epoch <= config.optim.epochs:
         raise UsageError(f"--until-epoch must be in [1, {config.optim.epochs}], got {args.until_epoch}")
@@ -255,38 +256,45 @@ def _one_line(message: object) -> str:
     return str(message).translate(_LINE_BREAKS)
 
 
-_PENDING_WARNINGS: list[str] = []
+_held_warnings: list[str] | None = None  # while a command checks its input (ducat train until the run is set up)
 _python_showwarning = warnings.showwarning
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """ducat's own warnings become one line each, ``ducat: warning: ...``, held until the command is past its
-    input checks (:func:`_flush_warnings`; at the latest when it ends): bad input gives one error line and
-    nothing else. Others print as Python prints them."""
-    if issubclass(category, ScheduleWarning):
-        _PENDING_WARNINGS.append(f"ducat: warning: {_one_line(message)}")
-    else:
+    """ducat's own warnings as one line each, ``ducat: warning: ...``; held while ``ducat train`` still checks its
+    input (:func:`_hold_warnings`), so that bad input gives its error line alone. Others print as Python's."""
+    if not issubclass(category, ScheduleWarning):
         _python_showwarning(message, category, filename, lineno, file, line)
+    elif _held_warnings is not None:
+        _held_warnings.append(f"ducat: warning: {_one_line(message)}")
+    else:
+        print(f"ducat: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _hold_warnings() -> None:
+    global _held_warnings
+    _held_warnings = []
 
 
 def _flush_warnings() -> None:
-    for line in _PENDING_WARNINGS:
+    global _held_warnings
+    for line in _held_warnings or []:
         print(line, file=sys.stderr, flush=True)
-    _PENDING_WARNINGS.clear()
+    _held_warnings = None
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _held_warnings
+    code = 2
     with warnings.catch_warnings():
         warnings.simplefilter("always", ScheduleWarning)
         warnings.showwarning = _show_warning
         try:
             code = _main(argv)
-        except BaseException:
-            _PENDING_WARNINGS.clear()
-            raise
-    if code != 2:  # a command that failed on its input shows the error alone
-        _flush_warnings()
-    _PENDING_WARNINGS.clear()
+        finally:
+            if code != 2:  # a command that failed on its input shows the error alone
+                _flush_warnings()
+            _held_warnings = None
     return code
 
 
