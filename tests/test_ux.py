@@ -4,6 +4,7 @@ the presets table and its cost model, --threads, --version, interrupts, progress
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -310,14 +311,16 @@ def test_threads_are_set_before_the_evaluation_runs(monkeypatch, tmp_path):
     import ducat.eval
 
     seen = []
-    monkeypatch.setattr(ducat.eval, "evaluate_checkpoint", lambda *a, **k: seen.append(torch.get_num_threads()) or 1/0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored after the test
+    monkeypatch.setattr(ducat.eval, "evaluate_checkpoint",
+                        lambda *a, **k: seen.append((torch.get_num_threads(), os.environ["OMP_NUM_THREADS"])) or 1/0)
     before = torch.get_num_threads()
     try:
         with pytest.raises(ZeroDivisionError):
             main(["eval", str(tmp_path), "--threads", "1"])
     finally:
         torch.set_num_threads(before)
-    assert seen == [1]
+    assert seen == [(1, "1")]  # this process, and the processes it would start
 
 
 def test_version_is_printed_by_the_command():
@@ -657,3 +660,25 @@ def test_eval_defaults_to_the_training_norm_and_refuses_a_mismatched_default_eps
                  "--out", str(tmp_path / "eval")]) == 0
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert report["norm"] == "L2" and report["epsilon"] == 0.5
+
+
+@pytest.mark.slow
+def test_an_interrupted_quickstart_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
+    import ducat.quickstart
+
+    real_train = ducat.quickstart.train
+
+    def stop_after_epoch_1(config, **kwargs):
+        real_train(config, until_epoch=1, log=lambda s: None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ducat.quickstart, "train", stop_after_epoch_1)
+    assert main(["quickstart", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 130
+    assert f"run: ducat quickstart --out {tmp_path} --epochs 2" in capsys.readouterr().err
+    monkeypatch.setattr(ducat.quickstart, "train", real_train)
+    assert main(["quickstart", "--out", str(tmp_path), "--epochs", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming pgd_at (2 epochs) into {tmp_path / 'pgd_at'}" in out
+    assert f"training pgd_at-ducat (2 epochs) into {tmp_path / 'pgd_at-ducat'}" in out
+    rows = [json.loads(line) for line in (tmp_path / "pgd_at" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]

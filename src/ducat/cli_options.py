@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from pathlib import Path
 
@@ -29,14 +30,16 @@ def epochs_option(args: argparse.Namespace) -> int | None:
 
 
 def set_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op threads of this process, set before any compute (None: torch's default).
-    The one place a command chooses its thread count."""
+    """``--threads N``: torch's intra-op threads, set before any compute (None: torch's default), in this
+    process and, through ``OMP_NUM_THREADS``, in the processes it starts (``reproduce --nproc``). The one place a
+    command chooses its thread count."""
     if threads is None:
         return
     if threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     import torch  # imported here: the option checks above must not wait for torch
 
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
 
 
@@ -78,12 +81,12 @@ def eval_norm(args: argparse.Namespace) -> str:
     """``--norm``, by default the training attack's norm of a run directory (else Linf). The default eps is the
     training radius, so it is refused with another norm than the training one."""
     trained = None
-    saved = Path(args.target) / "config.yaml"
-    if saved.is_file():
-        try:
+    try:
+        saved = Path(args.target) / "config.yaml"
+        if saved.is_file():
             trained = (yaml.safe_load(saved.read_text()).get("attack") or {}).get("norm", "Linf")
-        except (OSError, ValueError, AttributeError, yaml.YAMLError):
-            trained = None  # ducat eval's own loading reports what is wrong with the run
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        trained = None  # ducat eval's own loading reports what is wrong with the target
     norm = args.norm or trained or "Linf"
     if args.eps is None and trained is not None and norm != trained:
         raise UsageError(f"--norm {norm}: the run was trained against {trained}; give --eps, its default is the "
