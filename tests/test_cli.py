@@ -11,7 +11,7 @@ from ducat.cli import main
 
 TINY = ["data.n_train=100", "data.batch_size=50", "attack.steps=1", "validation.pgd_steps=1",
         "validation.n_examples=20", "run.progress=false", "run.tensorboard=false", "optim.epochs=1",
-        "optim.milestones=[1]", "ducat.start_epoch=1"]
+        "optim.milestones=[]", "ducat.start_epoch=1"]
 
 
 @pytest.mark.parametrize("args, needle", [

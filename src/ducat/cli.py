@@ -7,19 +7,28 @@ stderr, ``ducat: error: ...``, and exit code 2, before any compute.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from ducat.checkpoint import CheckpointError
-from ducat.config import ConfigError, load_config, load_run_config, parse_fraction, preset_names
+from ducat.cli_options import UsageError, check_output_dir, epochs_option, eval_settings, set_threads
+from ducat.config import ConfigError, ScheduleWarning, load_config, load_run_config, parse_fraction
 from ducat.data import DataError
 from ducat.fileio import RunDirError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
 
 
-class UsageError(ValueError):
-    """Bad command-line usage; one line."""
+EPOCHS_HELP = ("shorten or lengthen the preset keeping its proportions: the lr milestones, the DUCAT start "
+               "and run.save_epochs scale with N (ducat.config.scale_schedule)")
+
+
+def quickstart_time() -> str:
+    from ducat.quickstart import MEASURED_SECONDS
+
+    return "" if MEASURED_SECONDS is None else f", about {MEASURED_SECONDS} s on 2 idle cores"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,23 +47,22 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_train(args: argparse.Namespace) -> int:
     from ducat.train import setup_runtime, train
 
-    if args.resume:
-        run_dir = Path(args.resume)
-        if args.config and "=" not in args.config:
-            raise UsageError("with --resume give the run directory only; the run's saved config is used")
-        overrides = ([args.config] if args.config else []) + args.overrides
-        bad = [o for o in overrides if not o.startswith("run.")]
-        if bad:
-            raise UsageError(f"--resume keeps the saved config; only run.* overrides are allowed, got {bad[0]}")
-        config = load_run_config(run_dir, overrides)
-    else:
-        if not args.config:
-            raise UsageError("give a preset name or YAML file (list presets with: ducat presets)")
-        config = load_config(args.config, args.overrides)
+    _hold_warnings()
+    config = _train_config(args)
     if args.until_epoch is not None and not 1 <= args.until_epoch <= config.optim.epochs:
         raise UsageError(f"--until-epoch must be in [1, {config.optim.epochs}], got {args.until_epoch}")
     setup_runtime(config.run)
-    result = train(config, resume=bool(args.resume), until_epoch=args.until_epoch)
+
+    def ready() -> None:  # every input check passed: the run is about to start
+        if not args.resume and os.environ.get("RANK", "0") == "0":
+            print(f"training {args.config} ({config.optim.epochs} epochs) into {config.run.out}", flush=True)
+        _flush_warnings()
+
+    try:
+        result = train(config, resume=bool(args.resume), until_epoch=args.until_epoch, on_ready=ready)
+    except KeyboardInterrupt:
+        print(f"ducat: interrupted; {_resume_hint(Path(config.run.out))}", file=sys.stderr)
+        return 130
     if result is None:
         print(f"stopped after epoch {args.until_epoch}; continue with: ducat train --resume {config.run.out}")
         return 0
@@ -63,10 +71,42 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace):
+    """The config of ``ducat train``: a run's saved one (``--resume``, run.* overrides only) or a preset/YAML
+    with overrides and ``--epochs``."""
+    if not args.resume:
+        if not args.config:
+            raise UsageError("give a preset name or YAML file (list presets with: ducat presets)")
+        return load_config(args.config, args.overrides, epochs=epochs_option(args))
+    if args.config and "=" not in args.config:
+        raise UsageError("with --resume give the run directory only; the run's saved config is used")
+    if args.epochs is not None:
+        raise UsageError("--epochs cannot change a run being resumed; it keeps its saved schedule")
+    overrides = ([args.config] if args.config else []) + args.overrides
+    bad = [o for o in overrides if not o.startswith("run.")]
+    if bad:
+        raise UsageError(f"--resume keeps the saved config; only run.* overrides are allowed, got {bad[0]}")
+    return load_run_config(Path(args.resume), overrides)
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """What to do after an interrupted ``ducat train``: resume from the last checkpoint, if one was written."""
+    if (run_dir / "last.pt").is_file() or (run_dir / "prev.pt").is_file():
+        return f"continue with: ducat train --resume {run_dir}"
+    return f"no epoch finished, so '{run_dir}' holds no checkpoint to resume; start the run again"
+
+
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     from ducat.quickstart import quickstart
 
-    quickstart(Path(args.out), epochs=args.epochs, progress=not args.no_progress)
+    set_threads(args.threads)
+    check_output_dir(Path(args.out), "--out")
+    try:
+        quickstart(Path(args.out), epochs=epochs_option(args) or 30, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"ducat: interrupted; to continue from the last finished epoch, run: ducat quickstart --out {args.out}"
+              + (f" --epochs {args.epochs}" if args.epochs is not None else ""), file=sys.stderr)
+        return 130
     return 0
 
 
@@ -75,7 +115,8 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
-    _check_output_dir(Path(args.out), "--out")
+    check_output_dir(Path(args.out), "--out")
+    set_threads(args.threads)
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants is not None else None
     reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, variants=variants,
@@ -83,18 +124,26 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_output_dir(path: Path, option: str) -> None:
-    """An output directory must be a directory or creatable as one (checked before any compute)."""
-    for parent in (path, *path.parents):
-        if parent.exists():
-            if not parent.is_dir():
-                raise UsageError(f"{option} '{path}': '{parent}' exists and is not a directory")
-            return
-
-
 def _cmd_presets(args: argparse.Namespace) -> int:
-    for name in preset_names():
-        print(name)
+    from ducat.presets import presets_table
+
+    print(presets_table(include_base=args.all))
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from ducat.analysis import MetricsError, training_curves
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UsageError(f"--out must name a .png file, got '{out}'")
+    check_output_dir(out.parent, "--out")
+    labels = [label.strip() for label in args.labels.split(",")] if args.labels is not None else None
+    try:
+        path = training_curves([Path(r) for r in args.runs], out, labels)
+    except MetricsError as exc:
+        raise UsageError(str(exc)) from None
+    print(f"training curves of {len(args.runs)} run(s) written to {path}")
     return 0
 
 
@@ -102,8 +151,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from ducat.eval import FAST_ATTACKS, evaluate_checkpoint
     from ducat.eval.api import default_output
 
-    settings = _eval_settings(args, FAST_ATTACKS)
+    settings = eval_settings(args, FAST_ATTACKS)
     eps = parse_fraction(args.eps, "--eps") if args.eps is not None else None
+    set_threads(args.threads)
     try:
         report = evaluate_checkpoint(args.target, args.out, eps=eps, settings=settings, data_root=args.data_root,
                                      dataset=args.dataset, model_name=args.model, device=args.device,
@@ -118,40 +168,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> dict:
-    """EvalSettings fields from ``ducat eval``'s options, checked before anything is loaded."""
-    import math
-    import re
-
-    if args.eps is not None and not math.isfinite(parse_fraction(args.eps, "--eps")):
-        raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.n_examples is not None and args.n_examples < 1:
-        raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
-    if not -2**63 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
-    if args.out:
-        _check_output_dir(Path(args.out), "--out")
-    settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
-                "early_stop": not args.no_early_stop, "norm": args.norm}
-    if args.fast:
-        settings["attacks"] = fast_attacks
-    if args.attacks:
-        settings["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
-    if args.protocols:
-        settings["protocols"] = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
-    return settings
-
-
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from ducat.eval.plan import ATTACK_NAMES, Protocol
 
     parser.add_argument("target", help="run directory or checkpoint (.pt or .safetensors)")
     parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
-    parser.add_argument("--norm", default="Linf", choices=("Linf", "L2"), help="threat model (default Linf)")
+    parser.add_argument("--norm", choices=("Linf", "L2"),
+                        help="threat model (default: the run's training attack norm, else Linf)")
     parser.add_argument("--n-examples", type=int, help="evaluate the first N test examples (default: all)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
@@ -166,25 +189,34 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="dataset root directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _add_threads_argument(parser)
+
+
+def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's, the core count)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ducat import __version__
     from ducat.reproduce.scales import SCALES, VARIANTS
 
     parser = _Parser(prog="ducat", description="Dummy-class adversarial training and honest evaluation.")
+    parser.add_argument("--version", action="version", version=f"ducat {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("train", help="train one configuration (preset or YAML + key=value overrides)")
     p.add_argument("config", nargs="?", help="preset name (ducat presets) or YAML file")
-    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.epochs=5 ducat.enabled=true")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.n_train=2000 run.threads=1")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("--until-epoch", type=int, metavar="N", help="stop after epoch N (the run stays resumable)")
+    p.add_argument("--epochs", type=int, metavar="N", help=EPOCHS_HELP)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("quickstart", help="PGD-AT vs PGD-AT+DUCAT on digits, offline, ~2 minutes on 2 CPU cores")
+    p = sub.add_parser("quickstart", help=f"PGD-AT vs PGD-AT+DUCAT on digits, offline, on the CPU{quickstart_time()}")
     p.add_argument("--out", default="runs/quickstart", help="directory for the two runs (default runs/quickstart)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs per run (default 30)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default 30); " + EPOCHS_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no epoch lines or progress bars")
+    _add_threads_argument(p)
     p.set_defaults(func=_cmd_quickstart)
 
     p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
@@ -197,10 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma-separated dummy-class variants to add (default: the scale's); "
                                       f"choose from: {', '.join(VARIANTS)}")
     p.add_argument("--nproc", type=int, default=1, help="train each run with torchrun on N processes/GPUs")
+    _add_threads_argument(p)
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("presets", help="list the shipped presets")
+    p = sub.add_parser("presets", help="the shipped presets: dataset, model, method, epochs, estimated time")
+    p.add_argument("--all", action="store_true", help="also the base presets (recipes the others inherit)")
     p.set_defaults(func=_cmd_presets)
+
+    p = sub.add_parser("plot", help="training curves (clean/PGD accuracy, lr per epoch) of runs, overlaid, as a PNG")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with metrics.jsonl)")
+    p.add_argument("--out", default="training_curves.png", help="PNG to write (default training_curves.png)")
+    p.add_argument("--labels", help="comma-separated legend names, one per run (default: the directory names)")
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("eval", help="robustness report: paper protocol and adaptive attacks side by side")
     _add_eval_arguments(p)
@@ -216,9 +256,64 @@ def _one_line(message: object) -> str:
     return str(message).translate(_LINE_BREAKS)
 
 
+_held_warnings: list[str] | None = None  # while a command checks its input (ducat train until the run is set up)
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ducat's own warnings as one line each, ``ducat: warning: ...``; held while ``ducat train`` still checks its
+    input (:func:`_hold_warnings`), so that bad input gives its error line alone. Others print as Python's."""
+    if not issubclass(category, ScheduleWarning):
+        _python_showwarning(message, category, filename, lineno, file, line)
+    elif _held_warnings is not None:
+        _held_warnings.append(f"ducat: warning: {_one_line(message)}")
+    else:
+        print(f"ducat: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _hold_warnings() -> None:
+    global _held_warnings
+    _held_warnings = []
+
+
+def _flush_warnings() -> None:
+    global _held_warnings
+    for line in _held_warnings or []:
+        print(line, file=sys.stderr, flush=True)
+    _held_warnings = None
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _held_warnings
+    code = 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ScheduleWarning)
+        warnings.showwarning = _show_warning
+        try:
+            code = _main(argv)
+        finally:
+            if code != 2:  # a command that failed on its input shows the error alone
+                _flush_warnings()
+            _held_warnings = None
+    return code
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line. ``section.key=value`` overrides may also follow options
+    (``ducat train PRESET --epochs 5 data.n_train=2000``), which argparse alone leaves unrecognised."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras and isinstance(getattr(args, "overrides", None), list) and all(
+            "=" in e and not e.startswith("-") for e in extras):
+        args.overrides += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
+def _main(argv: list[str] | None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(argv)
         return args.func(args)
     except (UsageError, *USER_ERRORS) as exc:
         print(f"ducat: error: {_one_line(exc)}", file=sys.stderr)
@@ -226,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ducat: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (ducat presets | head)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as exc:
         from ducat.train import RunError
 

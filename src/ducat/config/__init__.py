@@ -6,13 +6,25 @@ Epochs are counted from 1, as in the paper's released code.
 
 - :mod:`ducat.config.schema`: the sections and their types, coercion, overrides;
 - :mod:`ducat.config.files`: YAML files and presets, a run's saved ``config.yaml``;
-- :mod:`ducat.config.checks`: :func:`validate`.
+- :mod:`ducat.config.checks`: :func:`validate`;
+- :mod:`ducat.config.schedule`: :func:`scale_schedule` (``--epochs N``) and the milestone warning.
 """
 
 from ducat.config.checks import validate
-from ducat.config.files import IGNORED_KEYS, config_from_dict, load_config, load_run_config, preset_names
+from ducat.config.files import (
+    IGNORED_KEYS,
+    base_presets,
+    config_from_dict,
+    config_name,
+    load_config,
+    load_run_config,
+    new_run_dir,
+    preset_names,
+)
+from ducat.config.schedule import ScheduleWarning, scale_epoch, scale_schedule, schedule_warning
 from ducat.config.schema import (
     ATTACK_MODES,
+    ATTACK_NORMS,
     AttackConfig,
     ConfigError,
     DataConfig,
@@ -33,4 +45,5 @@ from ducat.config.schema import (
 __all__ = ["ConfigError", "TrainConfig", "DataConfig", "ModelConfig", "MethodConfig", "AttackConfig", "DucatConfig",
            "OptimConfig", "ValidationConfig", "RunConfig", "FinetuneConfig", "load_config", "config_from_dict",
            "load_run_config", "parse_override", "parse_fraction", "apply_override", "preset_names", "validate",
-           "describe", "ATTACK_MODES", "IGNORED_KEYS"]
+           "describe", "ATTACK_MODES", "ATTACK_NORMS", "IGNORED_KEYS", "base_presets", "ScheduleWarning", "config_name",
+           "new_run_dir", "scale_epoch", "scale_schedule", "schedule_warning"]

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ducat.config.schema import ATTACK_MODES, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
+from ducat.config.schema import ATTACK_MODES, ATTACK_NORMS, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
 
 if TYPE_CHECKING:
     from ducat.data import DatasetInfo
@@ -41,6 +41,7 @@ def validate(config: TrainConfig) -> None:
     _check(a.eps >= 0, f"attack.eps must be >= 0, got {a.eps}")
     _check(a.step_size >= 0, f"attack.step_size must be >= 0, got {a.step_size}")
     _check(a.steps >= 0, f"attack.steps must be >= 0, got {a.steps}")
+    _check(a.norm in ATTACK_NORMS, f"unknown attack.norm '{a.norm}'; choose one of: {', '.join(ATTACK_NORMS)}")
     _check(a.mode in ATTACK_MODES, f"unknown attack.mode '{a.mode}'; choose one of: {', '.join(ATTACK_MODES)}")
     _check(a.bn in ("eval", "train"), f"attack.bn must be eval or train, got '{a.bn}'")
     for name in ("alpha", "beta1", "beta2"):
@@ -52,7 +53,8 @@ def validate(config: TrainConfig) -> None:
     epochs = config.optim.epochs
     if u.enabled:
         _check(1 <= u.start_epoch <= epochs,
-               f"ducat.start_epoch {u.start_epoch} is past the last epoch ({epochs}); it must be in [1, {epochs}]")
+               f"ducat.start_epoch {u.start_epoch} is past the last epoch ({epochs}); it must be in [1, {epochs}] "
+               "(to shorten a preset with its schedule use --epochs N instead of optim.epochs)")
     _check(v.select in ("val", "test", "last"), f"validation.select must be val, test or last, got '{v.select}'")
     _check(v.select != "val" or config.data.val_fraction > 0, "validation.select=val needs data.val_fraction > 0")
     _check(v.pgd_steps >= 0, f"validation.pgd_steps must be >= 0, got {v.pgd_steps}")
@@ -107,7 +109,8 @@ def _validate_optim(o: OptimConfig) -> None:
 
 
 def _validate_run(r: RunConfig, epochs: int) -> None:
-    """Run values; ``run.out`` must be a directory or creatable as one (no file on its path)."""
+    """Run values; ``run.out`` must be a directory or creatable as one (no file on its path); None is
+    resolved when the config is loaded."""
     _check(r.amp in ("auto", "off", "bf16"), f"run.amp must be auto, off or bf16, got '{r.amp}'")
     _check(r.channels_last in ("auto", "on", "off"),
            f"run.channels_last must be auto, on or off, got '{r.channels_last}'")
@@ -117,6 +120,8 @@ def _validate_run(r: RunConfig, epochs: int) -> None:
     _check(all(1 <= e <= epochs for e in r.save_epochs),
            f"run.save_epochs must be in [1, {epochs}], got {r.save_epochs}")
     _check(-2**63 <= r.seed < 2**63, f"run.seed must be in [-2**63, 2**63), got {r.seed}")
+    if r.out is None:
+        return
     out = Path(r.out)
     try:
         blocker = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)

@@ -8,6 +8,8 @@ are named. Values given on the command line are the user's own text and are echo
 
 from __future__ import annotations
 
+import time
+import warnings
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Any
 import yaml
 
 from ducat.config.checks import validate
+from ducat.config.schedule import ScheduleWarning, scale_schedule, schedule_warning
 from ducat.config.schema import ConfigError, TrainConfig, _BadValue, apply_override, parse_override
 
 # Top-level keys of a config file that are not sections: ``base:`` (inheritance, resolved by
@@ -52,6 +55,16 @@ PRESET_PACKAGE = "ducat.configs"
 def preset_names() -> list[str]:
     """Names of the YAML presets shipped with ducat (file names without ``.yaml``)."""
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def base_presets() -> set[str]:
+    """Presets that other presets name in ``base:``: recipes to inherit from rather than runs of their own."""
+    bases = set()
+    for name in preset_names():
+        base = _parse_yaml((resources.files(PRESET_PACKAGE) / f"{name}.yaml").read_text(), f"preset {name}").get("base")
+        if isinstance(base, str):
+            bases.add(base[:-5] if base.endswith(".yaml") else base)
+    return bases
 
 
 def _read_text(path: Path) -> str:
@@ -120,15 +133,43 @@ def _load_mapping(name_or_path: str, relative_to: Path | None = None, depth: int
     return chain + [(mapping, label)]
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Build a validated config from a preset name or YAML path (or defaults) plus overrides."""
+def new_run_dir(name: str, root: Path = Path("runs")) -> str:
+    """``root/<name>-<YYYYmmdd-HHMMSS>`` (local time), with ``-2``, ``-3``, ... appended while that path
+    exists: a run directory that no earlier run used."""
+    base = root / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
+def config_name(name_or_path: str | None) -> str:
+    """What a run of this config is named after: the preset name or the YAML file's stem ("run" for none)."""
+    return Path(name_or_path).stem if name_or_path else "run"
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | None = None,
+                epochs: int | None = None) -> TrainConfig:
+    """Build a validated config from a preset name or YAML path (or defaults) plus overrides.
+
+    ``epochs``: rescale the preset's schedule to that many epochs (:func:`~ducat.config.schedule.scale_schedule`)
+    before the overrides, so explicit overrides win. ``run.out`` left unset becomes :func:`new_run_dir`
+    of :func:`config_name`. A milestone that never acts gives a :class:`ScheduleWarning` (one line)."""
     config = TrainConfig()
     if name_or_path:
         for mapping, label in _load_mapping(name_or_path):
             _merge_mapping(config, mapping, label)
+    if epochs is not None:
+        scale_schedule(config, epochs)
     for text in overrides or []:
         apply_override(config, *parse_override(text))
     validate(config)
+    if config.run.out is None:
+        config.run.out = new_run_dir(config_name(name_or_path))
+    message = schedule_warning(config)
+    if message:
+        warnings.warn(message, ScheduleWarning, stacklevel=2)
     return config
 
 
@@ -137,6 +178,8 @@ def config_from_dict(mapping: dict[str, Any], source: str = "saved config") -> T
     config = TrainConfig()
     _merge_mapping(config, mapping, source)
     validate(config)
+    if config.run.out is None:
+        config.run.out = new_run_dir(config_name(None))
     return config
 
 

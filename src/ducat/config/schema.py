@@ -70,13 +70,16 @@ class MethodConfig:
 
 @dataclass
 class AttackConfig:
-    """Training attack (L-inf, [0,1] pixel units). ``mode``: raw | original | merged.
+    """Training attack, in [0,1] pixel units. ``norm``: Linf | L2, the threat model of the training attack
+    and of the per-epoch validation attack (``eps`` is its radius; for L2 the step is along the normalised
+    gradient). ``mode``: raw | original | merged.
     ``bn``: BatchNorm mode while crafting (eval = released code, train = Madry/Rice style).
     ``random_start``: PGD starts from a uniform point in the eps-ball (the paper's setting)."""
 
     eps: float = 8 / 255
     step_size: float = 2 / 255
     steps: int = 10
+    norm: str = "Linf"
     mode: str = "raw"
     bn: str = "eval"
     random_start: bool = True
@@ -125,13 +128,14 @@ class ValidationConfig:
 
 @dataclass
 class RunConfig:
-    """``out``: run directory. ``device``: auto | cpu | cuda | cuda:N.
+    """``out``: run directory; None (the default) = a new directory ``runs/<config name>-<YYYYmmdd-HHMMSS>``
+    chosen when the config is loaded (never an existing one). ``device``: auto | cpu | cuda | cuda:N.
     ``deterministic``: deterministic algorithms (bit-exact resume on CPU).
     ``amp``: bf16 autocast (auto = on CUDA with bf16 support). ``channels_last``: auto = on CUDA.
     ``sync_bn``: SyncBatchNorm across torchrun ranks (CUDA only). ``save_epochs``: also keep the
     checkpoint of these epochs as ``epoch_N.pt`` (e.g. to fork DUCAT runs from a base run)."""
 
-    out: str = "runs/run"
+    out: str | None = None
     seed: int = 0
     device: str = "auto"
     deterministic: bool = False
@@ -173,6 +177,7 @@ class TrainConfig:
 
 
 ATTACK_MODES = ("raw", "original", "merged")
+ATTACK_NORMS = ("Linf", "L2")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

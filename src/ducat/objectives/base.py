@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ducat.attacks import PGD, eval_mode
+from ducat.attacks import PGD, Norm, eval_mode
 from ducat.config import MethodConfig
 from ducat.dummy import DummyClassModel, OriginalLogits, ducat_loss
 
@@ -25,7 +25,8 @@ Augment = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class AttackSettings:
-    """The training attack. ``eps`` and ``step_size`` in [0,1] pixel units (8/255 = 0.0314).
+    """The training attack. ``eps`` and ``step_size`` in [0,1] pixel units (8/255 = 0.0314); ``norm``
+    (``Linf`` or ``L2``) is the ball ``eps`` is the radius of.
 
     ``mode`` (DUCAT models only): ``raw`` attacks CE on the 2C logits (released code), ``original``
     the first C logits (paper eq. 7), ``merged`` the projected classifier (max-merged logits).
@@ -39,6 +40,7 @@ class AttackSettings:
     mode: AttackMode = "raw"
     bn_eval: bool = True
     random_start: bool = True
+    norm: Norm = "Linf"
 
 
 @dataclass(frozen=True)
@@ -103,7 +105,8 @@ class Objective:
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """PGD on CE over the attacked view of the model, BatchNorm per ``attack.bn_eval``."""
         a = self.attack
-        pgd = PGD(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, a.random_start, generator=self.generator)
+        pgd = PGD(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, a.random_start, generator=self.generator,
+                  norm=a.norm)
         with eval_mode(model, a.bn_eval):
             return pgd(x, y)
 

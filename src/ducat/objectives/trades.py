@@ -37,7 +37,7 @@ class TRADES(Objective):
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.attack
-        attack = TradesAttack(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, self.generator)
+        attack = TradesAttack(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, self.generator, norm=a.norm)
         with eval_mode(model, a.bn_eval):
             return attack(x)
 

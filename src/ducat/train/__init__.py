@@ -18,14 +18,18 @@ from ducat.train.validate import validate_model
 
 
 def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
-          until_epoch: int | None = None) -> RunResult | None:
+          until_epoch: int | None = None, on_ready: Callable[[], None] | None = None) -> RunResult | None:
     """Train one configuration (see :class:`Trainer`) holding the run directory's lock, so no second process
-    trains or resumes it meanwhile; with ``until_epoch`` stop after that epoch, resumable."""
+    trains or resumes it meanwhile; with ``until_epoch`` stop after that epoch, resumable. ``on_ready`` is
+    called once the run is set up (device, data and checkpoints accepted), before its first epoch."""
     run_dir = Path(config.run.out)
     if resume and not run_dir.is_dir():
         raise RunError(f"nothing to resume: '{run_dir}' does not exist")
     with run_lock(run_dir, log):
-        return Trainer(config, resume=resume, log=log).run(until_epoch)
+        trainer = Trainer(config, resume=resume, log=log)
+        if on_ready is not None:
+            on_ready()
+        return trainer.run(until_epoch)
 
 
 @contextmanager

@@ -51,7 +51,7 @@ def build_objective(config: TrainConfig, generator: torch.Generator | None,
                     forward_module: nn.Module | None = None) -> Objective:
     """The method's objective; ``forward_module`` (e.g. the DDP wrapper) runs the training forward pass."""
     a, u = config.attack, config.ducat
-    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start)
+    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start, a.norm)
     ducat = DucatSettings(u.alpha, u.beta1, u.beta2)
     return METHODS[config.method.name].from_config(config.method, attack, ducat, generator, forward_module)
 

@@ -31,7 +31,7 @@ def validate_model(model: nn.Module, data: TensorData, config: TrainConfig, seed
     of ``data``, sharded across ranks and the counts summed.
 
     The PGD attack targets the projected classifier (CE on max-merged logits) with the training attack's
-    eps, ``validation.pgd_steps`` steps of eps/4, in fp32 (reduced precision could weaken the attack and
+    norm and eps, ``validation.pgd_steps`` steps of eps/4, in fp32 (reduced precision could weaken the attack and
     flatter the model). Its own seeded generator never moves the training RNG."""
     v, a = config.validation, config.attack
     n = len(data) if v.n_examples is None else min(len(data), v.n_examples)
@@ -39,7 +39,7 @@ def validate_model(model: nn.Module, data: TensorData, config: TrainConfig, seed
     x, y = data.images[mine].float() / 255, data.labels[mine]
     generator = torch.Generator(device=data.images.device).manual_seed(seed + dist.rank)
     with eval_mode(model):
-        attack = PGD(deployed(model), a.eps, a.eps / 4, v.pgd_steps, generator=generator)
+        attack = PGD(deployed(model), a.eps, a.eps / 4, v.pgd_steps, generator=generator, norm=a.norm)
         clean = correct_under_attack(model, x, y, None, v.batch_size).sum()
         robust = correct_under_attack(model, x, y, attack, v.batch_size).sum()
     counts = dist.all_reduce_sum(torch.stack([clean, robust]).float())

@@ -1,0 +1,94 @@
+"""The checks of the ``ducat`` command's options, shared by its commands: each bad value is one
+:class:`UsageError` line (exit 2) before anything is loaded or computed."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from ducat.config import parse_fraction
+
+
+class UsageError(ValueError):
+    """Bad command-line usage; one line."""
+
+
+def epochs_option(args: argparse.Namespace) -> int | None:
+    """``--epochs N``, checked; the config package scales the schedule with it (``scale_schedule``)."""
+    if args.epochs is None:
+        return None
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if any(o.startswith("optim.epochs=") for o in getattr(args, "overrides", [])):
+        raise UsageError("give --epochs N (scales the schedule) or optim.epochs=N (changes only the length), not both")
+    return args.epochs
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads N``: torch's intra-op threads, set before any compute (None: torch's default), in this
+    process and, through ``OMP_NUM_THREADS``, in the processes it starts (``reproduce --nproc``). The one place a
+    command chooses its thread count."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch  # imported here: the option checks above must not wait for torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+
+
+def check_output_dir(path: Path, option: str) -> None:
+    """An output directory must be a directory or creatable as one (checked before any compute)."""
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"{option} '{path}': '{parent}' exists and is not a directory")
+            return
+
+
+def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> dict:
+    """EvalSettings fields from ``ducat eval``'s options, checked before anything is loaded."""
+    if args.eps is not None and not math.isfinite(parse_fraction(args.eps, "--eps")):
+        raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.n_examples is not None and args.n_examples < 1:
+        raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if not -2**63 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if args.out:
+        check_output_dir(Path(args.out), "--out")
+    settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
+                "early_stop": not args.no_early_stop, "norm": eval_norm(args)}
+    if args.fast:
+        settings["attacks"] = fast_attacks
+    if args.attacks:
+        settings["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if args.protocols:
+        settings["protocols"] = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
+    return settings
+
+
+def eval_norm(args: argparse.Namespace) -> str:
+    """``--norm``, by default the training attack's norm of a run directory (else Linf). The default eps is the
+    training radius, so it is refused with another norm than the training one."""
+    trained = None
+    try:
+        saved = Path(args.target) / "config.yaml"
+        if saved.is_file():
+            trained = (yaml.safe_load(saved.read_text()).get("attack") or {}).get("norm", "Linf")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        trained = None  # ducat eval's own loading reports what is wrong with the target
+    norm = args.norm or trained or "Linf"
+    if args.eps is None and trained is not None and norm != trained:
+        raise UsageError(f"--norm {norm}: the run was trained against {trained}; give --eps, its default is the "
+                         f"run's {trained} radius")
+    return norm
