@@ -235,3 +235,11 @@ def test_a_top_level_provenance_section_is_ignored_like_base(tmp_path):
     path.write_text(f"base: {PRESET}\nprovenance:\n  torch: 2.14.1\noptim:\n  epochs: 33\n")
     assert load_config(str(path)).optim.epochs == 33
     assert config_from_dict({"provenance": {"argv": ["x"]}, "optim": {"epochs": 4}}).optim.epochs == 4
+
+
+@pytest.mark.parametrize("override, key, expected", [("run.channels_last=on", "channels_last", "on"),
+                                                      ("run.channels_last=off", "channels_last", "off"),
+                                                      ("run.amp=off", "amp", "off")])
+def test_on_and_off_stay_words_for_text_settings(override, key, expected):
+    """YAML reads on/off as booleans; the settings that take the words must still get them."""
+    assert getattr(load_config("cpu-digits-small_cnn-pgd_at", [override]).run, key) == expected

@@ -216,7 +216,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             raise _BadValue(f"{key} must be finite", value)
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no as booleans: run.channels_last=on, run.amp=off
+            return "on" if value else "off"
+        if not isinstance(value, (str, int, float)):
             raise _BadValue(f"{key} must be a string", value)
         return str(value)
     raise ConfigError(f"{key}: unsupported type {tp}")
