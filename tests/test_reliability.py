@@ -305,6 +305,75 @@ def test_disk_full_during_training_is_one_line_and_the_run_resumes(straight_run,
     assert same_weights(weights(run_dir), weights(straight_run))
 
 
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_disk_full_while_writing_the_final_model_is_one_line_and_resume_finishes(straight_run, tmp_path,
+                                                                                  monkeypatch):
+    """Probe: a 21-line SafetensorError (exit 1). Now: one line naming the file and the intact checkpoint."""
+    import ducat.fileio as fileio
+
+    run_dir = tmp_path / "run"
+    disk = _DiskFull("model.safetensors", "write")
+    monkeypatch.setattr(fileio, "open", disk.open, raising=False)
+    code, _, err = cli(["train", *tiny(run_dir)])
+    monkeypatch.undo()
+    assert disk.calls == 1
+    assert_one_line_error(code, err, f"cannot write {run_dir / 'model.safetensors'} (No space left on device)",
+                          f"the last good checkpoint is {run_dir / 'last.pt'} (epoch 3)",
+                          f"ducat train --resume {run_dir}")
+    files = _files(run_dir)
+    assert "model.safetensors" not in files and "summary.json" not in files  # nothing torn, no temporary left
+    assert not [name for name in files if name.endswith(".tmp")]
+    assert same_weights(weights(run_dir), weights(straight_run))  # the checkpoints are intact
+    assert same_weights(weights(run_dir, "best.pt"), weights(straight_run, "best.pt"))
+    code, _, err = cli(["train", "--resume", str(run_dir)])  # after freeing space: writes the final files
+    assert code == 0, err
+    assert same_weights(weights(run_dir, "model.safetensors"), weights(straight_run, "model.safetensors"))
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == \
+        json.loads((straight_run / "summary.json").read_text())["best_epoch"]
+
+
+def test_disk_full_after_best_pt_names_best_pt_and_resume_continues_from_it(tmp_path, monkeypatch):
+    """Probe: epoch 1 wrote best.pt, then last.pt failed; the message said "no checkpoint of this run was
+    written yet" and --resume refused. Now the message names best.pt, and --resume continues from it."""
+    import ducat.fileio as fileio
+
+    eligible_from_1 = ["ducat.start_epoch=1"]  # so that epoch 1 is a best epoch: best.pt is written first
+    reference = tmp_path / "reference"
+    quiet_train(tiny(reference, extra=eligible_from_1))
+    run_dir = tmp_path / "run"
+    disk = _DiskFull("last.pt", "write")
+    monkeypatch.setattr(fileio, "open", disk.open, raising=False)
+    code, _, err = cli(["train", *tiny(run_dir, extra=eligible_from_1)])
+    monkeypatch.undo()
+    assert disk.calls == 1
+    assert_one_line_error(code, err, f"cannot write checkpoint {run_dir / 'last.pt'} at epoch 1",
+                          f"the last good checkpoint is {run_dir / 'best.pt'} (epoch 1)",
+                          f"ducat train --resume {run_dir}")
+    assert "no checkpoint" not in err
+    assert not (run_dir / "last.pt").exists() and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
+    code, out, err = cli(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    assert f"resuming from {run_dir / 'best.pt'}" in out and "after epoch 1" in out
+    for name in ("last.pt", "best.pt"):  # the same run as one that never failed
+        assert same_weights(weights(run_dir, name), weights(reference, name)), name
+    assert crash.metric_rows(run_dir) == crash.metric_rows(reference)
+
+
+def test_resume_refuses_a_checkpoint_past_the_runs_last_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted_run(run_dir)  # last.pt = epoch 2 of 3
+    state = load_checkpoint(run_dir / "last.pt")
+    state.pop("format_version")
+    save_checkpoint({**state, "epoch": 10**9, "best_epoch": 2}, run_dir / "last.pt", keep_previous=False)
+    before = _files(run_dir)
+    code, _, err = cli(["train", "--resume", str(run_dir)])
+    assert_one_line_error(code, err, str(run_dir / "last.pt"), "epoch 1000000000 is past the run's last epoch (3)")
+    assert _files(run_dir) == before
+
+
 # ---- 3. untrusted checkpoints ----------------------------------------------------------------------
 
 class _Payload:
