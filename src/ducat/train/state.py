@@ -21,6 +21,7 @@ import yaml
 
 from ducat.checkpoint import CheckpointError, check_training_state, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
+from ducat.dummy import check_pairing
 from ducat.fileio import atomic_write_bytes
 from ducat.provenance import file_sha256, provenance
 
@@ -40,8 +41,16 @@ class RunResult:
 
 
 def _training_state(path: Path, max_bytes: int | None) -> dict[str, Any]:
+    """A checked training state (:func:`check_training_state`, and a DUCAT pairing that is a permutation:
+    ``load_state_dict`` copies any ``dummy_index`` of the right shape)."""
     state = load_checkpoint(path, max_bytes=max_bytes)
     check_training_state(state, path)
+    if "dummy_index" in state["model"]:
+        try:
+            check_pairing(state["model"]["dummy_index"])
+        except ValueError:
+            raise CheckpointError(f"checkpoint '{path}' cannot be resumed from: its 'dummy_index' is not a "
+                                  "permutation of [C, 2C)") from None
     return state
 
 
