@@ -3,8 +3,11 @@
 ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one JSON line per epoch), ``last.pt`` /
 ``prev.pt`` / ``best.pt`` (+ ``epoch_N.pt`` for ``run.save_epochs``), ``model.safetensors`` (best
 weights), ``summary.json``. A run is never silently restarted: a directory that already holds a
-checkpoint is trained further only with ``resume``. Every file is written atomically; the metrics
-row of an epoch is written before its checkpoint, and a resume drops rows past the checkpoint.
+``last.pt`` is trained further only with ``resume``. Every file is written atomically; the metrics
+row of an epoch is written before its checkpoint, and a resume drops rows past the checkpoint. A
+resume continues from ``last.pt``, else ``prev.pt``, else ``best.pt`` (when a write failed or a kill
+struck between the first ``best.pt`` and the first ``last.pt``). A failed write (disk full) stops the
+run with one line naming what a resume would continue from.
 """
 
 from __future__ import annotations
