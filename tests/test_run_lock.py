@@ -111,7 +111,7 @@ def test_a_second_reproduce_on_one_output_directory_is_refused(tmp_path):
     out = tmp_path / "grid"
     first = ducat("reproduce", "--scale", "smoke", "--out", str(out))
     try:
-        wait_for(lambda: holder(out) == first.pid, first, "lock holder")
+        wait_for(lambda: (out / "manifest.json").is_file(), first, "the reproduction's start")
         first.send_signal(signal.SIGSTOP)  # alive and holding the lock, however slowly the second one starts
         code, _, err = finish(ducat("reproduce", "--scale", "smoke", "--out", str(out)), timeout=60)
         assert_refused_by(code, err, out, first.pid)
