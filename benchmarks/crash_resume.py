@@ -1,14 +1,15 @@
 #!/usr/bin/env python
-"""Crash consistency of ``ducat train``: SIGKILL tiny runs, resume them, compare with an unkilled run.
+"""Crash consistency of ``ducat train``, ``ducat eval`` and ``ducat reproduce``: SIGKILL them, run them again,
+compare with unkilled runs; and two concurrent writers of one run directory.
 
-One uninterrupted reference run, then ``--kills N`` kills, each followed by what a user would do:
-``ducat train --resume RUN_DIR`` when the directory holds a checkpoint (``last.pt`` or ``prev.pt``),
+Training (``--kills N``). One uninterrupted reference run, then N kills, each followed by what a user would
+do: ``ducat train --resume RUN_DIR`` when the directory holds a checkpoint (``last.pt`` or ``prev.pt``),
 the original command otherwise (nothing was saved yet), repeated until the command exits 0. A run is
 *lost* when that fails (a resume that exits non-zero) or when the finished run differs from the
 reference: ``last.pt`` and ``best.pt`` weights compared bit for bit, and every ``metrics.jsonl``
 row without its timing fields compared exactly.
 
-Kill points. The first kills use the test hook of ``ducat.checkpoint`` (``DUCAT_TEST_CRASH_AT``):
+Kill points. The first kills use the test hook of ``ducat.fileio`` (``DUCAT_TEST_CRASH_AT``):
 the process SIGKILLs itself at one exact step of a checkpoint write -- a temporary file complete
 but not renamed, a checksum renamed but not its data, ``prev.pt``'s checksum renamed but not the
 file, a checkpoint in place but the epoch's metrics not yet written, the final checkpoint in place
@@ -20,10 +21,25 @@ The run: preset ``cpu-digits-small_cnn-pgd_at-ducat`` (small CNN, 8x8 digits), 2
 4 epochs, DUCAT from epoch 2, deterministic CPU, 1 thread. ~10 s per kill on 2 cores (process
 start-up dominates).
 
+Concurrent writers (``--concurrent N``, default 2): two identical ``ducat train`` of one new run directory
+started together. Exactly one may proceed; the other must exit 2 with one line naming the first's PID
+(the lock holder is paused until the other has ended, so they overlap whatever the start-up times); the
+run must equal the reference. A pair is lost otherwise.
+
+Evaluation (``--eval-kills N``, default 4): ``ducat eval`` of the reference run (PGD-10, margin, targeted;
+100 test images) is killed at a uniformly random moment after its first attack starts, at most twice, then
+run again with the same ``--out`` until it ends. Lost if the rerun fails or its ``report.json`` (timing and
+provenance aside) or ``masks.npz`` differ from an unkilled evaluation's.
+
+Reproduction (``--reproduce-kills N``, default 0: several minutes each): ``ducat reproduce --scale smoke``
+killed at a uniformly random moment of its training phase, then run again; lost if that fails or table 1
+(``results.json``) differs from an unkilled reproduction's.
+
     python benchmarks/crash_resume.py --kills 10
     python benchmarks/crash_resume.py --kills 30 --seed 1 --keep /tmp/crash   # keep the run dirs
+    python benchmarks/crash_resume.py --kills 0 --eval-kills 0 --concurrent 0 --reproduce-kills 2
 
-Prints one line per kill, then kills survived, runs lost and the wall time.
+Prints one line per trial, then ``kills: N, kills survived: ... runs lost: L, wall time: ...``.
 """
 
 from __future__ import annotations
@@ -37,10 +53,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 PRESET = "cpu-digits-small_cnn-pgd_at-ducat"
 EPOCHS = 4
 OVERRIDES = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
@@ -71,6 +89,8 @@ def train_command(run_dir: Path, resume: bool) -> list[str]:
 def _env(crash_at: str | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "DUCAT_TEST_CRASH_AT"}
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))  # this checkout's ducat
+    env.setdefault("OMP_NUM_THREADS", "1")
     if crash_at:
         env["DUCAT_TEST_CRASH_AT"] = crash_at
     return env
@@ -188,6 +208,7 @@ def reference_run(run_dir: Path) -> float:
 @dataclass
 class Trial:
     kind: str
+    group: str = "train"  # train, eval, reproduce or concurrent
     kills: int = 0
     survived: int = 0
     lost: bool = False
@@ -227,23 +248,160 @@ def random_trial(reference: Path, run_dir: Path, window: float, kills: int, rng:
     return trial
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=10, help="number of SIGKILLs (default 10)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
-    parser.add_argument("--hooks-only", action="store_true", help="only the exact kill points")
-    parser.add_argument("--keep", help="keep the run directories here (default: a temporary directory)")
-    args = parser.parse_args(argv)
-    if args.kills < 1:
-        parser.error("--kills must be >= 1")
-    rng = random.Random(args.seed)
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ducat-crash-"))
-    root.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    reference = root / "reference"
-    shutil.rmtree(reference, ignore_errors=True)
-    window = reference_run(reference)
-    print(f"reference run: training phase {window:.2f}s ({EPOCHS} epochs)")
+# ---- kills during ``ducat eval`` ----------------------------------------------------------------------------
+
+EVAL_OPTIONS = ["--attacks", "pgd10,margin,targeted", "--n-examples", "100", "--seed", "0"]
+
+
+def eval_command(run_dir: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "ducat", "eval", str(run_dir), "--out", str(out), *EVAL_OPTIONS]
+
+
+def kill_after_line(command: list[str], marker: str, delay: float, timeout: float = 600) -> bool:
+    """Start ``command``, wait for a line containing ``marker`` on its stdout or stderr, sleep ``delay`` s,
+    SIGKILL it. True if the kill landed (the process was still running)."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            if marker in line or time.monotonic() > deadline:
+                break
+        threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining: the pipe never fills
+        time.sleep(delay)
+        if proc.poll() is not None:
+            return False
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def timed_between(command: list[str], first: str, last: str | None, timeout: float = 1800) -> float:
+    """Run ``command`` to its end; seconds from its line containing ``first`` to the line containing ``last``
+    (to its exit if None). Raises if it fails."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    start = end = None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if start is None and first in line:
+            start = time.monotonic()
+        if start is not None and end is None and last is not None and last in line:
+            end = time.monotonic()
+    proc.wait(timeout=timeout)
+    if proc.returncode != 0 or start is None:
+        raise RuntimeError(f"reference {' '.join(command[2:5])} failed: {''.join(lines[-3:]).strip()}")
+    return (end or time.monotonic()) - start
+
+
+def eval_outputs(out: Path) -> tuple[dict, dict]:
+    """(report.json without its timing and provenance, masks.npz arrays as lists)."""
+    import numpy as np
+
+    report = json.loads((out / "report.json").read_text())
+    for key in ("wall_time_s", "provenance"):  # provenance names the command, and with it --out
+        report.pop(key, None)
+    with np.load(out / "masks.npz") as masks:
+        return report, {k: masks[k].tolist() for k in masks.files}
+
+
+def eval_trial(run_dir: Path, reference: Path, out: Path, window: float, kills: int, rng: random.Random) -> Trial:
+    """Kill ``ducat eval`` up to ``kills`` times at random moments after its first attack starts, run it
+    again to the end, compare report.json and masks.npz with the unkilled evaluation's."""
+    trial = Trial("eval", group="eval")
+    delays = []
+    for _ in range(kills):
+        delay = rng.uniform(0, window)
+        if not kill_after_line(eval_command(run_dir, out), "attack 1/", delay):
+            break
+        trial.kills += 1
+        delays.append(f"{delay:.2f}s")
+    trial.kind = f"eval, kills at {', '.join(delays) or '-'} after its first attack started"
+    done = run(eval_command(run_dir, out))
+    if done.returncode != 0:
+        trial.problems = [f"eval rerun failed: {done.stderr.strip().splitlines()[-1:]}"]
+    elif eval_outputs(out) != eval_outputs(reference):
+        trial.problems = ["report.json or masks.npz differ from the unkilled evaluation's"]
+    trial.lost = bool(trial.problems)
+    trial.survived = 0 if trial.lost else trial.kills
+    return trial
+
+
+# ---- kills during ``ducat reproduce --scale smoke`` training ------------------------------------------------
+
+def reproduce_command(out: Path) -> list[str]:
+    return [sys.executable, "-m", "ducat", "reproduce", "--scale", "smoke", "--out", str(out)]
+
+
+def table1(out: Path) -> list:
+    return json.loads((out / "results.json").read_text())["table1"]
+
+
+def reproduce_trial(out: Path, reference: Path, window: float, rng: random.Random) -> Trial:
+    """Kill a reproduction at a random moment of its training phase, run it again, compare table 1."""
+    delay = rng.uniform(0, window)
+    trial = Trial(f"reproduce --scale smoke, kill at {delay:.1f}s of training", group="reproduce")
+    trial.kills = int(kill_after_line(reproduce_command(out), "reproduce --scale", delay))
+    done = run(reproduce_command(out), timeout=3600)
+    if done.returncode != 0:
+        trial.problems = [f"reproduce rerun failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"]
+    elif table1(out) != table1(reference):
+        trial.problems = ["table 1 differs from the unkilled reproduction's"]
+    trial.lost = bool(trial.problems)
+    trial.survived = 0 if trial.lost else trial.kills
+    return trial
+
+
+# ---- two concurrent writers of one run directory -----------------------------------------------------------
+
+def lock_holder(run_dir: Path) -> int | None:
+    try:
+        return json.loads((run_dir / ".lock").read_text() or "{}").get("pid")
+    except (OSError, ValueError):
+        return None
+
+
+def concurrent_trial(reference: Path, run_dir: Path) -> Trial:
+    """Two ``ducat train`` of one run directory started together: exactly one may proceed, the other must exit
+    2 naming it, and the run must equal the reference. The lock holder is paused (SIGSTOP) until the other has
+    ended, so both really overlap whatever the start-up times."""
+    trial = Trial("two trainings of one run directory started together", group="concurrent")
+    procs = [subprocess.Popen(train_command(run_dir, resume=False), env=_env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    deadline = time.monotonic() + 300
+    while lock_holder(run_dir) not in [p.pid for p in procs] and time.monotonic() < deadline:
+        if all(p.poll() is not None for p in procs):
+            break
+        time.sleep(0.01)
+    winner = next((p for p in procs if p.pid == lock_holder(run_dir)), None)
+    if winner is None:
+        trial.problems, trial.lost = ["no process took the lock"], True
+        return trial
+    loser = procs[1] if winner is procs[0] else procs[0]
+    winner.send_signal(signal.SIGSTOP)
+    _, loser_err = loser.communicate(timeout=300)
+    winner.send_signal(signal.SIGCONT)
+    winner.communicate(timeout=300)
+    expected = f"is in use by process {winner.pid} "
+    if winner.returncode != 0 or loser.returncode != 2 or expected not in loser_err or loser_err.count("\n") != 1:
+        trial.problems.append(f"exits {winner.returncode}/{loser.returncode}, refusal {loser_err.strip()[:120]!r}")
+    trial.problems += compare_runs(reference, run_dir)
+    trial.lost = bool(trial.problems)
+    return trial
+
+
+# ---- the benchmark -------------------------------------------------------------------------------------------
+
+def report(index: int, trial: Trial) -> None:
+    status = "LOST: " + "; ".join(trial.problems) if trial.lost else (
+        "ok" if not trial.problems else "; ".join(trial.problems))
+    print(f"run {index:3d}: {trial.kills} kill(s) [{trial.kind}] -> {status}", flush=True)
+
+
+def train_trials(root: Path, reference: Path, window: float, args, rng: random.Random) -> list[Trial]:
     trials: list[Trial] = []
     kills_done, index = 0, 0
     while kills_done < args.kills:
@@ -256,21 +414,84 @@ def main(argv: list[str] | None = None) -> int:
         trials.append(trial)
         kills_done += trial.kills
         index += 1
-        status = "LOST: " + "; ".join(trial.problems) if trial.lost else (
-            "ok" if not trial.problems else "; ".join(trial.problems))
-        print(f"run {index:3d}: {trial.kills} kill(s) [{trial.kind}] -> {status}", flush=True)
+        report(index, trial)
         if index > 4 * args.kills + len(HOOK_POINTS):
             print("too many launches finished before their kill; stopping")
             break
-    wall = time.perf_counter() - started
-    kills = sum(t.kills for t in trials)
-    survived = sum(t.survived for t in trials)
-    lost = sum(t.lost for t in trials)
-    print(f"kills: {kills}, kills survived: {survived}, runs: {len(trials)}, runs lost: {lost}, "
-          f"wall time: {wall:.1f}s")
+    return trials
+
+
+def eval_trials(root: Path, run_dir: Path, kills: int, rng: random.Random) -> list[Trial]:
+    reference = root / "eval-reference"
+    window = timed_between(eval_command(run_dir, reference), "attack 1/", None)
+    print(f"reference eval: {window:.2f}s from its first attack to its exit")
+    trials, done, index = [], 0, 0
+    while done < kills and index < 4 * kills:
+        trial = eval_trial(run_dir, reference, root / f"eval{index:03d}", window, min(2, kills - done), rng)
+        trials.append(trial)
+        done += trial.kills
+        index += 1
+        report(index, trial)
+    return trials
+
+
+def reproduce_trials(root: Path, kills: int, rng: random.Random) -> list[Trial]:
+    reference = root / "reproduce-reference"
+    window = timed_between(reproduce_command(reference), "reproduce --scale", "evaluating")
+    print(f"reference reproduction: training phase {window:.1f}s")
+    trials = []
+    for index in range(kills):
+        trials.append(reproduce_trial(root / f"reproduce{index:03d}", reference, window, rng))
+        report(index + 1, trials[-1])
+    return trials
+
+
+def summary(trials: list[Trial], wall: float) -> str:
+    def count(group: str) -> str:
+        mine = [t for t in trials if t.group == group]
+        return f"{group} {sum(t.survived for t in mine)}/{sum(t.kills for t in mine)}"
+
+    pairs = [t for t in trials if t.group == "concurrent"]
+    return (f"kills: {sum(t.kills for t in trials)}, kills survived: {sum(t.survived for t in trials)} "
+            f"({', '.join(count(g) for g in ('train', 'eval', 'reproduce'))}), runs: {len(trials)}, "
+            f"concurrent writer pairs: {len(pairs)} ({sum(not t.lost for t in pairs)} with one refused), "
+            f"runs lost: {sum(t.lost for t in trials)}, wall time: {wall:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=10, help="SIGKILLs of ducat train (default 10)")
+    parser.add_argument("--eval-kills", type=int, default=4, help="SIGKILLs of ducat eval (default 4)")
+    parser.add_argument("--concurrent", type=int, default=2, help="pairs of concurrent ducat train (default 2)")
+    parser.add_argument("--reproduce-kills", type=int, default=0,
+                        help="SIGKILLs of ducat reproduce --scale smoke in training (default 0; minutes each)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
+    parser.add_argument("--hooks-only", action="store_true", help="only the exact kill points")
+    parser.add_argument("--keep", help="keep the run directories here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    counts = (args.kills, args.eval_kills, args.concurrent, args.reproduce_kills)
+    if min(counts) < 0 or max(counts) < 1:
+        parser.error("the counts must be >= 0, and one of them >= 1")
+    rng = random.Random(args.seed)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="ducat-crash-"))
+    root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    reference = root / "reference"
+    shutil.rmtree(reference, ignore_errors=True)
+    window = reference_run(reference)
+    print(f"reference run: training phase {window:.2f}s ({EPOCHS} epochs)")
+    trials = train_trials(root, reference, window, args, rng)
+    for index in range(args.concurrent):
+        trials.append(concurrent_trial(reference, root / f"concurrent{index:03d}"))
+        report(index + 1, trials[-1])
+    if args.eval_kills:
+        trials += eval_trials(root, reference, args.eval_kills, rng)
+    if args.reproduce_kills:
+        trials += reproduce_trials(root, args.reproduce_kills, rng)
+    print(summary(trials, time.perf_counter() - started))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
-    return 1 if lost else 0
+    return 1 if any(t.lost for t in trials) else 0
 
 
 if __name__ == "__main__":

@@ -112,9 +112,21 @@ def test_the_largest_allowed_crop_padding_augments_real_images():
     ["optim.gamma=1e200"],                                                 # gamma ** 2 raises OverflowError
     ["optim.lr=1e-300", "optim.gamma=1e300", "optim.milestones=[1, 2]"],   # lr finite, gamma ** 2 is not
     ["optim.gamma=1e-320"],                                                # lr * gamma underflows to 0
+    ["optim.gamma=1e308", "optim.milestones=[2]"],  # lr * gamma = 5e306: a float64, not a float32 (probe's case)
+    ["optim.lr=1e-40"],                                                    # not a normal float32 either
 ])
 def test_a_schedule_with_a_non_finite_or_zero_learning_rate_is_refused(no_data, overrides):
     refused(overrides, "optim.gamma", "finite positive")
+
+
+def test_the_largest_accepted_learning_rate_trains_without_a_traceback(tmp_path):
+    """lr * gamma = 3e38 (float32 max 3.4e38) is accepted; the weights then overflow, which the trainer
+    reports in one line (non-finite loss) instead of torch failing to convert the lr."""
+    code, err = cli(["train", PRESET, f"run.out={tmp_path / 'r'}", "optim.lr=0.05", "optim.gamma=6e39",
+                     "optim.milestones=[1]", "optim.epochs=2", "ducat.start_epoch=1", "data.n_train=100",
+                     "attack.steps=1", "validation.pgd_steps=1", "validation.n_examples=20", "run.progress=false",
+                     "run.tensorboard=false"])
+    assert code == 2 and err.count("\n") == 1 and "non-finite loss" in err, err
 
 
 def test_schedules_with_finite_learning_rates_are_accepted():

@@ -31,6 +31,7 @@ from collections import Counter
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import fields
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -303,6 +304,75 @@ def test_disk_full_during_training_is_one_line_and_the_run_resumes(straight_run,
     code, _, err = cli(["train", "--resume", str(run_dir)])
     assert code == 0, err
     assert same_weights(weights(run_dir), weights(straight_run))
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file() and p.name != ".lock"}
+
+
+def test_disk_full_while_writing_the_final_model_is_one_line_and_resume_finishes(straight_run, tmp_path,
+                                                                                  monkeypatch):
+    """Probe: a 21-line SafetensorError (exit 1). Now: one line naming the file and the intact checkpoint."""
+    import ducat.fileio as fileio
+
+    run_dir = tmp_path / "run"
+    disk = _DiskFull("model.safetensors", "write")
+    monkeypatch.setattr(fileio, "open", disk.open, raising=False)
+    code, _, err = cli(["train", *tiny(run_dir)])
+    monkeypatch.undo()
+    assert disk.calls == 1
+    assert_one_line_error(code, err, f"cannot write {run_dir / 'model.safetensors'} (No space left on device)",
+                          f"the last good checkpoint is {run_dir / 'last.pt'} (epoch 3)",
+                          f"ducat train --resume {run_dir}")
+    files = _files(run_dir)
+    assert "model.safetensors" not in files and "summary.json" not in files  # nothing torn, no temporary left
+    assert not [name for name in files if name.endswith(".tmp")]
+    assert same_weights(weights(run_dir), weights(straight_run))  # the checkpoints are intact
+    assert same_weights(weights(run_dir, "best.pt"), weights(straight_run, "best.pt"))
+    code, _, err = cli(["train", "--resume", str(run_dir)])  # after freeing space: writes the final files
+    assert code == 0, err
+    assert same_weights(weights(run_dir, "model.safetensors"), weights(straight_run, "model.safetensors"))
+    assert json.loads((run_dir / "summary.json").read_text())["best_epoch"] == \
+        json.loads((straight_run / "summary.json").read_text())["best_epoch"]
+
+
+def test_disk_full_after_best_pt_names_best_pt_and_resume_continues_from_it(tmp_path, monkeypatch):
+    """Probe: epoch 1 wrote best.pt, then last.pt failed; the message said "no checkpoint of this run was
+    written yet" and --resume refused. Now the message names best.pt, and --resume continues from it."""
+    import ducat.fileio as fileio
+
+    eligible_from_1 = ["ducat.start_epoch=1"]  # so that epoch 1 is a best epoch: best.pt is written first
+    reference = tmp_path / "reference"
+    quiet_train(tiny(reference, extra=eligible_from_1))
+    run_dir = tmp_path / "run"
+    disk = _DiskFull("last.pt", "write")
+    monkeypatch.setattr(fileio, "open", disk.open, raising=False)
+    code, _, err = cli(["train", *tiny(run_dir, extra=eligible_from_1)])
+    monkeypatch.undo()
+    assert disk.calls == 1
+    assert_one_line_error(code, err, f"cannot write checkpoint {run_dir / 'last.pt'} at epoch 1",
+                          f"the last good checkpoint is {run_dir / 'best.pt'} (epoch 1)",
+                          f"ducat train --resume {run_dir}")
+    assert "no checkpoint" not in err
+    assert not (run_dir / "last.pt").exists() and load_checkpoint(run_dir / "best.pt")["epoch"] == 1
+    code, out, err = cli(["train", "--resume", str(run_dir)])
+    assert code == 0, err
+    assert f"resuming from {run_dir / 'best.pt'}" in out and "after epoch 1" in out
+    for name in ("last.pt", "best.pt"):  # the same run as one that never failed
+        assert same_weights(weights(run_dir, name), weights(reference, name)), name
+    assert crash.metric_rows(run_dir) == crash.metric_rows(reference)
+
+
+def test_resume_refuses_a_checkpoint_past_the_runs_last_epoch(tmp_path):
+    run_dir = tmp_path / "run"
+    interrupted_run(run_dir)  # last.pt = epoch 2 of 3
+    state = load_checkpoint(run_dir / "last.pt")
+    state.pop("format_version")
+    save_checkpoint({**state, "epoch": 10**9, "best_epoch": 2}, run_dir / "last.pt", keep_previous=False)
+    before = _files(run_dir)
+    code, _, err = cli(["train", "--resume", str(run_dir)])
+    assert_one_line_error(code, err, str(run_dir / "last.pt"), "epoch 1000000000 is past the run's last epoch (3)")
+    assert _files(run_dir) == before
 
 
 # ---- 3. untrusted checkpoints ----------------------------------------------------------------------
@@ -965,3 +1035,221 @@ def test_checkpoint_config_that_is_not_a_mapping_of_sections_is_one_line(case, t
     assert "\n" not in str(info.value) and str(path) in str(info.value)
     assert checkpoint_config({"model": {}}, path) is None  # a foreign checkpoint has no config: not an error
     assert checkpoint_config({"config": '{"data": {"dataset": "digits"}}'}, path) == {"data": {"dataset": "digits"}}
+
+
+# ---- 7. fuzzing checkpoint contents -----------------------------------------------------------------
+# Real .pt files whose entries have a wrong type or shape, through every command that reads a checkpoint.
+# A command must refuse (exit 2, one line, nothing changed) every file whose faulty entry it reads; an entry
+# it does not read (the optimizer, for ``ducat eval``) must not stop it: it reaches compute (stubbed here).
+
+MISSING = object()  # the entry is deleted
+
+
+def _reshaped(model: dict) -> dict:
+    key = next(k for k, v in model.items() if v.dim() >= 2)
+    return {**model, key: model[key].flatten()}
+
+
+def _transposed(model: dict) -> dict:
+    key = next(k for k, v in model.items() if k.endswith("fc.weight"))
+    return {**model, key: model[key].t().contiguous()}
+
+
+def _momentum(shape_of) -> Callable[[dict, dict], dict]:
+    """The optimizer state with the first momentum buffer replaced by ``shape_of(buffer)``."""
+    def fault(optimizer: dict, state: dict) -> dict:
+        first = min(optimizer["state"])
+        return {**optimizer, "state": {**optimizer["state"], first: {"momentum_buffer": shape_of(
+            optimizer["state"][first]["momentum_buffer"])}}}
+    return fault
+
+
+def _group(change: Callable[[dict], dict]) -> Callable[[dict, dict], dict]:
+    return lambda optimizer, state: {**optimizer, "param_groups": [change(dict(optimizer["param_groups"][0])),
+                                                                   *optimizer["param_groups"][1:]]}
+
+
+def _without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+DEEP_LIST = "[" * 100000 + "]" * 100000
+# field -> faults: a value, or a function (entry, whole state) -> value
+CONTENT_FAULTS: dict[str, list] = {
+    "config": [MISSING, 3, 2.5, None, True, [1], {"data": {}}, torch.zeros(2), "", "[1, 2]", "3", '"text"',
+               '{"finetune": [1]}', '{"data": 5}', "{not json", DEEP_LIST, '{"a": ' * 50000 + "{}" + "}" * 50000,
+               "{}", '{"zz": {}}', '{"data": {"dataset": "nope"}}', '{"optim": {"epochs": -1}}',
+               '{"data": {"batch_size": "x"}}', '{"model": {"name": "resnet18"}}'],
+    "model": [MISSING, [1], "text", 3, None, {}, {"net.fc.weight": [1.0]}, {1: torch.zeros(1)},
+              {"net": {"fc": torch.zeros(1)}}, lambda m, s: dict(list(m.items())[:-1]),
+              lambda m, s: {**m, "extra.weight": torch.zeros(3)}, lambda m, s: _reshaped(m),
+              lambda m, s: _transposed(m), lambda m, s: {**m, "dummy_index": torch.zeros(10, dtype=torch.long)},
+              lambda m, s: {**m, "dummy_index": torch.arange(10, 20).view(2, 5)},
+              lambda m, s: {**m, "dummy_index": torch.arange(20, 40)}],
+    "optimizer": [MISSING, 3, None, [1], "sgd", {}, {"state": {}}, {"state": [], "param_groups": []},
+                  {"state": {}, "param_groups": 5}, {"state": {}, "param_groups": [1]},
+                  {"state": {}, "param_groups": []},
+                  _group(lambda g: _without(g, "params")), _group(lambda g: {**g, "params": g["params"][:-1]}),
+                  _group(lambda g: {**g, "params": 5}), _group(lambda g: _without(g, "momentum")),
+                  _group(lambda g: {**g, "momentum": "x"}), _group(lambda g: {**g, "nesterov": None}),
+                  _group(lambda g: {**g, "weight_decay": [1]}), _momentum(lambda b: b.flatten()[:1]),
+                  _momentum(lambda b: b.t().contiguous() if b.dim() == 2 else b.view(-1, 1)), _momentum(lambda b: 5),
+                  _momentum(lambda b: "x")],
+    "rng": [MISSING, 3, None, [1], {}, {"generator": 5}, {"generator": torch.zeros(5056)},
+            {"generator": torch.zeros(2, 2528, dtype=torch.uint8)}, {"generator": torch.zeros(3, dtype=torch.uint8)},
+            lambda r, s: {**r, "torch": torch.zeros(3, dtype=torch.uint8)}, lambda r, s: {**r, "torch": "x"}],
+    "epoch": [MISSING, -1, 1.5, "3", True, None, [3], torch.tensor(3), 10**9, 2**70, -2**70],
+    "best_metric": [MISSING, "0.5", None, math.nan, [0.5], True, torch.tensor(0.5)],
+    "best_epoch": [MISSING, -1, 99, "1", 1.5, None, True, torch.tensor(1), 2**70],
+}
+# the entries each command reads (and must refuse when wrong)
+READS = {"eval": {"config", "model"}, "eval-model": {"model"}, "finetune": {"model"},
+         "resume": set(CONTENT_FAULTS)}
+
+
+def _apply_faults(base: dict, faults: list[tuple[str, object]]) -> dict:
+    state = dict(base)
+    for field, fault in faults:
+        if fault is MISSING:
+            state.pop(field, None)
+        else:
+            state[field] = fault(state[field], state) if callable(fault) else fault
+    return state
+
+
+class ContentFuzz:
+    """Runs one command on a checkpoint file and checks the outcome; counts what happened."""
+
+    def __init__(self, root: Path, states: dict[str, dict], run_template: Path):
+        self.root, self.states, self.run_template = root, states, run_template
+        self.counts: Counter = Counter()
+
+    def argv(self, command: str, file: Path) -> list[str]:
+        out = ["--out", str(self.root / "eval-out"), "--no-progress", "--n-examples", "5"]
+        return {"eval": ["eval", str(file), *out],
+                "eval-model": ["eval", str(file), "--model", "small_cnn", "--dataset", "digits", "--eps", "0.1", *out],
+                "finetune": ["train", PRESET, f"finetune.checkpoint={file}", f"run.out={self.root / 'tuned'}", *TINY],
+                "resume": ["train", "--resume", str(self.root / "run")]}[command]
+
+    def write(self, command: str, state: dict) -> Path:
+        file = self.root / "run" / "last.pt" if command == "resume" else self.root / "file.pt"
+        if command == "resume":
+            shutil.rmtree(file.parent, ignore_errors=True)
+            shutil.copytree(self.run_template, file.parent)  # config.yaml and metrics.jsonl of a real run; no prev.pt
+        torch.save(state, file)  # as another tool would, without a checksum file
+        return file
+
+    def check(self, command: str, faults: list[tuple[str, object]], state: dict | None = None) -> None:
+        """``state``: the file's content as is; else the base state of ``command`` with ``faults`` applied."""
+        base = self.states["plain" if command == "eval-model" else "ducat"]
+        file = self.write(command, _apply_faults(base, faults) if state is None else state)
+        faults = [(field, _short(fault)) for field, fault in faults] or [("whole file", "")]
+        watched = file.parent if command == "resume" else self.root / "tuned"
+        before = _files(watched) if watched.is_dir() else {}
+        argv = self.argv(command, file)
+        self.counts["tried"] += 1
+        out, err = io.StringIO(), io.StringIO()
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = main(argv)
+            except ComputeStarted:
+                code = None
+            except BaseException:
+                self.counts["tracebacks"] += 1
+                raise AssertionError(f"traceback for {command} {faults}:\n{traceback.format_exc()}") from None
+        must_refuse = state is not None or any(field in READS[command] for field, _ in faults)
+        if code is None:
+            self.counts["compute_reached"] += 1
+            assert not must_refuse, f"{command} reached compute with a faulty entry it reads: {faults}"
+            return
+        text = err.getvalue()
+        assert code == 2 and text.startswith("ducat: error: ") and text.count("\n") == 1, (command, faults, text)
+        assert must_refuse, f"{command} refused a file whose faults it does not read: {faults}: {text}"
+        assert (_files(watched) if watched.is_dir() else {}) == before, (command, faults)
+        self.counts["exit_2_one_line"] += 1
+
+
+def _short(fault: object) -> str:
+    if fault is MISSING:
+        return "<missing>"
+    return f"<function {fault.__qualname__}>" if callable(fault) else repr(fault)[:60]
+
+
+def _compute_stub(*args, **kwargs):
+    """Stands in for training and evaluation; the provenance an evaluation would write must be JSON."""
+    json.dumps(kwargs.get("provenance"))
+    raise ComputeStarted
+
+
+@pytest.fixture
+def content_fuzz(monkeypatch, training_state, straight_run, tmp_path) -> ContentFuzz:
+    import ducat.eval.api
+    import ducat.train
+    from ducat.models import build_model
+
+    monkeypatch.setattr(ducat.train.Trainer, "run", _compute_stub)
+    monkeypatch.setattr(ducat.eval.api, "evaluate", _compute_stub)
+    template = tmp_path / "template"
+    template.mkdir()
+    for name in ("config.yaml", "metrics.jsonl"):
+        shutil.copy(straight_run / name, template / name)
+    ducat_state = _without(training_state, "format_version")
+    plain_state = {**ducat_state, "model": build_model("small_cnn", 10, 1).state_dict()}
+    return ContentFuzz(tmp_path, {"ducat": ducat_state, "plain": plain_state}, template)
+
+
+def test_checkpoint_contents_controls_reach_compute(content_fuzz):
+    """The unaltered files pass every command (so the refusals below are the faults' doing)."""
+    for command in READS:
+        content_fuzz.check(command, [])
+    assert content_fuzz.counts["compute_reached"] == len(READS)
+
+
+PROBE_FAULTS = [  # the probe's findings: each was a traceback (exit 1) on main at 048b4d6
+    ("eval", "config", "[1, 2]"), ("eval", "config", "3"), ("eval", "config", '{"finetune": [1]}'),
+    ("eval", "config", DEEP_LIST), ("eval-model", "model", [1]), ("finetune", "model", [1]),
+    ("finetune", "model", "text"), ("finetune", "model", 3), ("resume", "optimizer", MISSING),
+    ("resume", "rng", {"generator": 5}), ("resume", "rng", None), ("resume", "epoch", "3"), ("resume", "epoch", 1.5)]
+
+
+@pytest.mark.parametrize("command, field, fault", PROBE_FAULTS, ids=lambda v: _short(v)[:20])
+def test_the_probes_checkpoint_faults_are_one_line_and_change_nothing(content_fuzz, command, field, fault):
+    content_fuzz.check(command, [(field, fault)])
+    assert content_fuzz.counts["exit_2_one_line"] == 1
+
+
+def test_resume_from_a_plain_state_dict_is_one_line_and_changes_nothing(content_fuzz, training_state):
+    content_fuzz.check("resume", [], state=training_state["model"])  # last.pt = {name: tensor}, as torch.save'd
+    assert content_fuzz.counts["exit_2_one_line"] == 1
+
+
+@pytest.mark.parametrize("field", sorted(CONTENT_FAULTS))
+def test_every_checkpoint_content_fault_is_refused_by_resume(content_fuzz, field):
+    """Each fault of each entry once, through ``ducat train --resume`` (which reads every entry)."""
+    problems = []
+    for fault in CONTENT_FAULTS[field]:
+        try:
+            content_fuzz.check("resume", [(field, fault)])
+        except AssertionError as exc:
+            problems.append(str(exc).splitlines()[0])
+    assert not problems, problems
+
+
+@st.composite
+def content_faults(draw) -> tuple[str, list[tuple[str, object]]]:
+    command = draw(st.sampled_from(sorted(READS)))
+    fields_ = draw(st.lists(st.sampled_from(sorted(CONTENT_FAULTS)), min_size=1, max_size=2, unique=True))
+    return command, [(f, draw(st.sampled_from(CONTENT_FAULTS[f]))) for f in fields_]
+
+
+def test_fuzz_checkpoint_contents_through_every_command(content_fuzz):
+    @FUZZ_SETTINGS
+    @given(case=content_faults())
+    def check(case):
+        content_fuzz.check(*case)
+
+    check()
+    print(f"\nfuzz checkpoint contents: {dict(content_fuzz.counts)}")
+    if FUZZ_REPORT:
+        with open(FUZZ_REPORT, "a") as f:
+            f.write(json.dumps({"command": "checkpoint-contents", **content_fuzz.counts}) + "\n")

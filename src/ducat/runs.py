@@ -11,7 +11,7 @@ from torch import nn
 from ducat.checkpoint import CheckpointError, checkpoint_config, classifier_outputs, load_checkpoint, load_weights
 from ducat.config import TrainConfig, config_from_dict
 from ducat.data import dataset_info
-from ducat.dummy import make_pairing, widen_model
+from ducat.dummy import check_pairing, make_pairing, widen_model
 from ducat.models import build_model
 
 
@@ -57,6 +57,9 @@ def load_into_run_model(config: TrainConfig, weights: dict[str, torch.Tensor], s
                                   "set ducat.enabled=true to continue it")
         if "dummy_index" not in weights:
             raise CheckpointError(f"checkpoint '{source}' has 2C outputs but no 'dummy_index' pairing")
+        if not _is_pairing(weights["dummy_index"], num_classes):
+            raise CheckpointError(f"checkpoint '{source}' has a 'dummy_index' that is not a permutation of "
+                                  f"[{num_classes}, {2 * num_classes})")
         plain = build_plain_model(config)
         wide = widen_model(plain, weights["dummy_index"], dummy_init="random")
         load_weights(wide, weights, source)
@@ -66,6 +69,14 @@ def load_into_run_model(config: TrainConfig, weights: dict[str, torch.Tensor], s
     if not config.ducat.enabled:
         return plain
     return widen_model(plain, make_pairing(num_classes, config.ducat.pairing_seed), dummy_init=config.ducat.dummy_init)
+
+
+def _is_pairing(dummy_index: torch.Tensor, num_classes: int) -> bool:
+    try:
+        check_pairing(dummy_index)
+    except ValueError:
+        return False
+    return dummy_index.numel() == num_classes
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

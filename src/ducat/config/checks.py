@@ -91,10 +91,14 @@ def _validate_data(d: DataConfig, info: DatasetInfo) -> None:
            "or data.n_train, or set it to 0 with validation.select=test or last")
 
 
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.1754943508222875e-38  # torch.finfo(torch.float32).max, .tiny
+
+
 def _validate_optim(o: OptimConfig) -> None:
     """Optimizer values. gamma has no fixed bound (a step-up, gamma > 1, is legitimate): the bound is that
     every learning rate the schedule reaches, ``lr * gamma ** k`` for k = 0..len(milestones), computed as
-    the trainer computes it, is a finite number > 0 (so an overflowing or underflowing gamma is refused)."""
+    the trainer computes it, is a positive float32 number (the optimizer applies it to float32 weights:
+    1e306 is a finite float64 but overflows there), so an overflowing or underflowing gamma is refused."""
     _check(o.epochs >= 1, f"optim.epochs must be >= 1, got {o.epochs}")
     _check(o.lr > 0, f"optim.lr must be > 0, got {o.lr}")
     _check(o.momentum >= 0 and o.weight_decay >= 0 and o.gamma > 0,
@@ -103,7 +107,7 @@ def _validate_optim(o: OptimConfig) -> None:
         lrs = [o.lr * o.gamma ** k for k in range(len(o.milestones) + 1)]
     except OverflowError:
         lrs = [math.inf]
-    _check(all(math.isfinite(lr) and lr > 0 for lr in lrs),
+    _check(all(FLOAT32_TINY <= lr <= FLOAT32_MAX for lr in lrs),
            f"optim.lr={o.lr} and optim.gamma={o.gamma} give a learning rate that is not a finite positive number "
            f"after {len(o.milestones)} milestone(s) (lr * gamma ** k)")
 

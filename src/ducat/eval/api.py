@@ -54,7 +54,9 @@ def load_target(target: Path, dataset: str | None = None,
     if model_name is None:
         path = resolve_checkpoint(target)
         model, config, state = model_from_checkpoint(path)
-        return model, config.data.dataset, config.attack.eps, {"path": str(path), "epoch": state.get("epoch"),
+        epoch = state.get("epoch")  # reported as found only if it is one (the weights do not depend on it)
+        epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
+        return model, config.data.dataset, config.attack.eps, {"path": str(path), "epoch": epoch,
                                                                "sha256": file_sha256(path)}
     if dataset is None:
         raise ConfigError("--model needs --dataset (the model's classes and input shape come from it)")

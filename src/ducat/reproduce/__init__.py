@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from ducat.config import ConfigError
+from ducat.config import ConfigError, TrainConfig
 from ducat.data import load_split
-from ducat.fileio import atomic_write_bytes
+from ducat.fileio import RunLock, atomic_write_bytes
 from ducat.provenance import provenance, source_digest
 from ducat.reproduce.figures import draw
 from ducat.reproduce.grid import GridRun, plan, run_config, train_run
@@ -57,6 +57,15 @@ def reproduce(scale_name: str, out: Path, data_root: str | None = None, seeds: i
     runs = plan(scale)
     configs = {run.name: run_config(run, out, data_root) for run in runs}  # every config checked first
     load_split(configs[runs[0].name].data.dataset, data_root, train=False)  # and the data is there
+    with RunLock(out) as lock:  # one reproduction per --out at a time (train() also locks each run directory)
+        if lock.note:
+            log(lock.note)
+        return _reproduce_locked(scale, runs, configs, out, data_root, nproc, log)
+
+
+def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, TrainConfig], out: Path,
+                      data_root: str | None, nproc: int, log: Callable[[str], None]) -> Path:
+    """The body of :func:`reproduce`, run while holding the lock of ``out``."""
     expected = manifest(scale)
     check_manifest(out, expected)
     out.mkdir(parents=True, exist_ok=True)

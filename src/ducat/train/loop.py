@@ -39,6 +39,23 @@ def predict(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, then ValueError unless the result is this optimizer with other values:
+    the same hyperparameters but the learning rate (set every epoch; a resume has the same config), and per-parameter
+    state tensors of their parameter's shape (``load_state_dict`` checks neither; a wrong one fails mid-epoch)."""
+    def settings() -> list[dict[str, Any]]:
+        return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+
+    expected = settings()
+    optimizer.load_state_dict(saved)
+    if settings() != expected:
+        raise ValueError("its optimizer settings differ from the config's")
+    for param, values in optimizer.state.items():
+        if not all(v is None or isinstance(v, torch.Tensor) and v.shape in (param.shape, torch.Size()) for v in
+                   values.values()):
+            raise ValueError("its optimizer state does not have the parameters' shapes")
+
+
 class Trainer:
     """Runs one training configuration: ``Trainer(config).run()``; ``resume=True`` continues the run in
     ``config.run.out`` from its last checkpoint. Process-wide settings (threads, determinism) are the
@@ -80,7 +97,7 @@ class Trainer:
         path = self.state.saved[0]
         load_weights(self.model, state["model"], str(path))
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.generator.set_state(state["rng"]["generator"].to("cpu"))
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint '{path}' does not fit this run: its optimizer or RNG state is not "
