@@ -1253,3 +1253,22 @@ def test_fuzz_checkpoint_contents_through_every_command(content_fuzz):
     if FUZZ_REPORT:
         with open(FUZZ_REPORT, "a") as f:
             f.write(json.dumps({"command": "checkpoint-contents", **content_fuzz.counts}) + "\n")
+
+
+def test_disk_full_while_eval_writes_its_report_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError writing ``ducat eval``'s outputs (here: the disk is full) is one line and exit 2."""
+    import errno
+
+    import ducat.eval.report as report_module
+
+    run_dir = tmp_path / "run"
+    quiet_train(tiny(run_dir, epochs=2))
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(report_module, "atomic_write_bytes", disk_full)
+    code = main(["eval", str(run_dir), "--attacks", "pgd10", "--n-examples", "8", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("ducat: error: cannot read or write") and err.count("\n") == 1, err
+    assert "No space left on device" in err and "report.json" in err

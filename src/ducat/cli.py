@@ -324,6 +324,10 @@ def _main(argv: list[str] | None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early (ducat presets | head)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the environment (disk full, permissions), not the input: still one line
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"ducat: error: cannot read or write{where} ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     except Exception as exc:
         from ducat.train import RunError
 
