@@ -21,10 +21,14 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
           until_epoch: int | None = None, on_ready: Callable[[], None] | None = None) -> RunResult | None:
     """Train one configuration (see :class:`Trainer`) holding the run directory's lock, so no second process
     trains or resumes it meanwhile; with ``until_epoch`` stop after that epoch, resumable. ``on_ready`` is
-    called once the run is set up (device, data and checkpoints accepted), before its first epoch."""
+    called once the run is set up (device, data and checkpoints accepted), before its first epoch.
+
+    Applies the config's process-wide settings first (:func:`setup_runtime`: ``run.threads``,
+    ``run.deterministic``), so that a run and its resumption compute the same way in any process."""
     run_dir = Path(config.run.out)
     if resume and not run_dir.is_dir():
         raise RunError(f"nothing to resume: '{run_dir}' does not exist")
+    setup_runtime(config.run)
     with run_lock(run_dir, log):
         trainer = Trainer(config, resume=resume, log=log)
         if on_ready is not None:
