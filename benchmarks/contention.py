@@ -1,0 +1,229 @@
+#!/usr/bin/env python
+"""Why does ducat collapse when another CPU-bound process shares the cores, and what fixes it?
+
+For each candidate setting the script starts a *worker* process (its environment set before torch is
+imported, which is when OpenMP reads it) that times ducat training steps -- PGD-10 + DUCAT with
+``ducat.objectives`` on small_cnn, batch 128 -- in three phases: idle, contended, idle again. For the
+contended phase the script starts a *competitor*: a separate Python process running a torch CPU loop
+(``relu(a @ a)`` on 512 x 512 fp32, forever) with torch's default threads, as a user's other job
+would; it stops the competitor before the second idle phase. Slowdown = mean step time contended /
+mean step time idle (both idle phases pooled). The phases alternate within one worker, so the idle
+and contended figures share the process, the data and the warm caches.
+
+Candidates (``--configs``, comma-separated):
+
+  t2          torch's default: one intra-op thread per core, libgomp's default (spinning) wait policy
+  t1          1 intra-op thread
+  t2-passive  2 threads, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
+  t2-spin0    2 threads, ``GOMP_SPINCOUNT=0`` (libgomp only; the spin part of the wait alone)
+  t1-passive  1 thread, ``OMP_WAIT_POLICY=PASSIVE``
+  auto-static ``ducat.runtime.prepare_environment()`` (passive) + the free cores measured once at start-up
+  auto        ``prepare_environment()`` + ``configure_threads(None)``, whose governor is ticked once per step
+              (re-reads /proc/stat every 2 s and sets the thread count to the cores left free)
+
+Workloads (``--workload``): ``fmnist`` (28 x 28, ``ducat train`` / ``reproduce --scale mini``) and
+``digits`` (8 x 8, ``ducat quickstart`` / ``reproduce --scale smoke``, where every operator is tiny and
+synchronisation dominates). The thread count of the competitor and of the machine are printed.
+
+    python benchmarks/contention.py                         # fmnist, all candidates, ~4 min
+    python benchmarks/contention.py --workload digits --configs t2,t2-passive,auto
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+CONFIGS: dict[str, tuple[dict[str, str], str]] = {  # name -> (environment, thread mode)
+    "t2": ({}, "2"),
+    "t1": ({}, "1"),
+    "t2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
+    "t2-spin0": ({"GOMP_SPINCOUNT": "0"}, "2"),
+    "t1-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
+    "auto-static": ({}, "auto-static"),
+    "auto": ({}, "auto"),
+}
+COMPETITOR = """
+import torch
+a = torch.randn(512, 512)
+while True:
+    torch.relu(a @ a)
+"""
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without thread settings (torch defaults), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env | extra
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ---- the worker (a separate process: its environment is read when it imports torch) ----------------
+def worker(workload: str, mode: str) -> None:
+    if mode.startswith("auto"):
+        from ducat.runtime import prepare_environment
+
+        prepare_environment()
+    import torch
+
+    from ducat.config import load_config
+    from ducat.data import load_split
+    from ducat.objectives import METHODS, AttackSettings, DucatSettings
+    from ducat.runs import build_run_model
+
+    governor = None
+    if mode in ("1", "2"):
+        torch.set_num_threads(int(mode))
+    else:
+        from ducat.runtime import configure_threads
+
+        governor = configure_threads(None)
+        if mode == "auto-static":
+            governor = None  # the count measured at start-up stays
+    preset = {"fmnist": "cpu-fmnist-small_cnn-pgd_at-ducat", "digits": "cpu-digits-small_cnn-pgd_at-ducat"}[workload]
+    cfg = load_config(preset, ["run.device=cpu"])
+    data = load_split(cfg.data.dataset, None, train=True)
+    x, y = data.images[:128].float() / 255, data.labels[:128]
+    torch.manual_seed(0)
+    model = build_run_model(cfg)
+    a = cfg.attack
+    objective = METHODS["pgd_at"](AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start),
+                                  DucatSettings(), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        out = objective(model, x, y, ducat_active=True, augment=lambda t: t)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        max_steps, max_secs = (float(v) for v in line.split())
+        times, threads, start = [], [], time.perf_counter()
+        while len(times) < max_steps and (len(times) < 2 or time.perf_counter() - start < max_secs):
+            if governor is not None:
+                governor.tick()
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+            threads.append(torch.get_num_threads())
+        print(json.dumps({"times": times, "threads": threads}), flush=True)
+
+
+# ---- the driver ----------------------------------------------------------------------------------
+def start_competitor() -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean_env({}))
+    time.sleep(1.5)  # import torch and reach the loop
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def measure(name: str, workload: str, steps: int, secs: float) -> dict[str, object]:
+    """Idle, contended and idle phases of one worker; returns the per-step times of each phase."""
+    env, mode = CONFIGS[name]
+    cmd = [sys.executable, __file__, "--worker", workload, "--mode", mode]
+    proc = subprocess.Popen(cmd, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    phases: dict[str, dict] = {}
+    try:
+        ready = json.loads(proc.stdout.readline())
+        for phase in ("idle", "contended", "idle2"):
+            competitor = start_competitor() if phase == "contended" else None
+            try:
+                proc.stdin.write(f"{steps} {secs}\n")
+                proc.stdin.flush()
+                phases[phase] = json.loads(proc.stdout.readline()) | {"load": loadavg()}
+            finally:
+                if competitor is not None:
+                    stop(competitor)
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return {"name": name, "start_threads": ready["threads"], **phases}
+
+
+def summary_row(r: dict) -> str:
+    idle = r["idle"]["times"] + r["idle2"]["times"]
+    busy = r["contended"]["times"]
+    mi, mc = statistics.mean(idle), statistics.mean(busy)
+    th = sorted(set(r["contended"]["threads"]))
+    return (f"| {r['name']:11s} | {1000 * mi:8.0f} | {1000 * statistics.median(idle):8.0f} | {1000 * mc:8.0f} | "
+            f"{1000 * statistics.median(busy):8.0f} | {len(busy):5d} | {mc / mi:5.1f}x | "
+            f"{','.join(map(str, th)):>7s} | {r['contended']['load']:>14s} |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=("fmnist", "digits"), default="fmnist")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--steps", type=int, default=12, help="at most this many steps per phase")
+    p.add_argument("--secs", type=float, default=12.0, help="a phase ends after this many seconds (>= 2 steps)")
+    p.add_argument("--json", help="also write the raw per-step times here")
+    p.add_argument("--worker", choices=("fmnist", "digits"), help=argparse.SUPPRESS)
+    p.add_argument("--mode", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.mode)
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown config(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    import torch
+
+    print(f"# contention: PGD-10 + DUCAT training step, small_cnn, {args.workload}, batch 128")
+    print(f"{os.cpu_count()} logical CPUs; torch {torch.__version__}; OpenMP runtime: {openmp_runtime()}")
+    print(f"competitor: relu(a @ a), 512 x 512 fp32, torch default threads ({torch.get_num_threads()})")
+    print(f"load average at start (1/5/15 min): {loadavg()}\n")
+    print("| config      | idle mean ms | idle median | contended mean | contended median | steps | slowdown "
+          "| threads | load contended |")
+    print("|-------------|----------|----------|----------|----------|-------|--------|---------|----------------|")
+    results = []
+    for name in names:
+        results.append(measure(name, args.workload, args.steps, args.secs))
+        print(summary_row(results[-1]), flush=True)
+    print(f"\nload average at end: {loadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+def openmp_runtime() -> str:
+    """Which OpenMP library torch loaded (libgomp or Intel libiomp), from this process's memory map."""
+    import torch  # noqa: F401  (loads the runtime)
+
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown (no /proc)"
+    libs = sorted({line.rsplit("/", 1)[-1] for line in maps.splitlines() if "omp" in line.rsplit("/", 1)[-1]})
+    return ", ".join(libs) or "none found"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
