@@ -17,7 +17,8 @@ Candidates (``--configs``, comma-separated):
   t2-passive  2 threads, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
   t2-spin0    2 threads, ``GOMP_SPINCOUNT=0`` (libgomp only; the spin part of the wait alone)
   t1-passive  1 thread, ``OMP_WAIT_POLICY=PASSIVE``
-  auto-static ``ducat.runtime.prepare_environment()`` (passive) + the free cores measured once at start-up
+  auto-static ``ducat.runtime.prepare_environment()`` (passive; applied to the worker's environment)
+              + the free cores measured once at start-up
   auto        ``prepare_environment()`` + ``configure_threads(None)``, whose governor is ticked once per step
               (re-reads /proc/stat every 2 s and sets the thread count to the cores left free)
 
@@ -75,10 +76,6 @@ def loadavg() -> str:
 
 # ---- the worker (a separate process: its environment is read when it imports torch) ----------------
 def worker(workload: str, mode: str) -> None:
-    if mode.startswith("auto"):
-        from ducat.runtime import prepare_environment
-
-        prepare_environment()
     import torch
 
     from ducat.config import load_config
@@ -146,9 +143,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 def measure(name: str, workload: str, steps: int, secs: float) -> dict[str, object]:
     """Idle, contended and idle phases of one worker; returns the per-step times of each phase."""
-    env, mode = CONFIGS[name]
+    extra, mode = CONFIGS[name]
+    env = clean_env(extra)
+    if mode.startswith("auto"):
+        # what ``ducat.cli`` does before torch is imported; done here because importing the ``ducat``
+        # package imports torch (until its ``__init__`` is made lazy)
+        from ducat.runtime import prepare_environment
+
+        prepare_environment(env)
     cmd = [sys.executable, __file__, "--worker", workload, "--mode", mode]
-    proc = subprocess.Popen(cmd, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     phases: dict[str, dict] = {}
     try:
         ready = json.loads(proc.stdout.readline())
@@ -191,6 +195,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args.worker, args.mode)
+    sys.path.insert(0, str(SRC))
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in names if c not in CONFIGS]
     if unknown:
