@@ -16,11 +16,11 @@ Candidates (``--configs``, comma-separated):
   t1          1 intra-op thread
   t2-passive  2 threads, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
   t2-spin0    2 threads, ``GOMP_SPINCOUNT=0`` (libgomp only; the spin part of the wait alone)
+  t2-spin10k  2 threads, ``GOMP_SPINCOUNT=10000``: a short spin, then sleep (libgomp's default is 300000)
   t1-passive  1 thread, ``OMP_WAIT_POLICY=PASSIVE``
-  auto-static ``ducat.runtime.prepare_environment()`` (passive; applied to the worker's environment)
-              + the free cores measured once at start-up
-  auto        ``prepare_environment()`` + ``configure_threads(None)``, whose governor is ticked once per step
-              (re-reads /proc/stat every 2 s and sets the thread count to the cores left free)
+  auto        ducat's runtime setup: ``ducat.runtime.prepare_environment()`` applied to the worker's
+              environment (passive wait unless set) + ``configure_threads(None)`` (torch's default count,
+              capped by the usable CPUs and the container's CPU quota)
 
 Workloads (``--workload``): ``fmnist`` (28 x 28, ``ducat train`` / ``reproduce --scale mini``) and
 ``digits`` (8 x 8, ``ducat quickstart`` / ``reproduce --scale smoke``, where every operator is tiny and
@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CONFIGS: dict[str, tuple[dict[str, str], str]] = {  # name -> (environment, thread mode)
@@ -47,8 +48,8 @@ CONFIGS: dict[str, tuple[dict[str, str], str]] = {  # name -> (environment, thre
     "t1": ({}, "1"),
     "t2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
     "t2-spin0": ({"GOMP_SPINCOUNT": "0"}, "2"),
+    "t2-spin10k": ({"GOMP_SPINCOUNT": "10000"}, "2"),
     "t1-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
-    "auto-static": ({}, "auto-static"),
     "auto": ({}, "auto"),
 }
 COMPETITOR = """
@@ -83,15 +84,12 @@ def worker(workload: str, mode: str) -> None:
     from ducat.objectives import METHODS, AttackSettings, DucatSettings
     from ducat.runs import build_run_model
 
-    governor = None
-    if mode in ("1", "2"):
-        torch.set_num_threads(int(mode))
-    else:
+    if mode == "auto":
         from ducat.runtime import configure_threads
 
-        governor = configure_threads(None)
-        if mode == "auto-static":
-            governor = None  # the count measured at start-up stays
+        configure_threads(None)
+    else:
+        torch.set_num_threads(int(mode))
     preset = {"fmnist": "cpu-fmnist-small_cnn-pgd_at-ducat", "digits": "cpu-digits-small_cnn-pgd_at-ducat"}[workload]
     cfg = load_config(preset, ["run.device=cpu"])
     data = load_split(cfg.data.dataset, None, train=True)
@@ -116,8 +114,6 @@ def worker(workload: str, mode: str) -> None:
         max_steps, max_secs = (float(v) for v in line.split())
         times, threads, start = [], [], time.perf_counter()
         while len(times) < max_steps and (len(times) < 2 or time.perf_counter() - start < max_secs):
-            if governor is not None:
-                governor.tick()
             t = time.perf_counter()
             step()
             times.append(time.perf_counter() - t)
@@ -126,8 +122,10 @@ def worker(workload: str, mode: str) -> None:
 
 
 # ---- the driver ----------------------------------------------------------------------------------
-def start_competitor() -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=clean_env({}))
+def start_competitor(threads: int | None = None) -> subprocess.Popen:
+    """The competing torch process (torch's default threads unless ``threads``); running when returned."""
+    env = clean_env({} if threads is None else {"OMP_NUM_THREADS": str(threads)})
+    proc = subprocess.Popen([sys.executable, "-c", COMPETITOR], env=env)
     time.sleep(1.5)  # import torch and reach the loop
     return proc
 
@@ -141,27 +139,27 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def measure(name: str, workload: str, steps: int, secs: float) -> dict[str, object]:
+def measure(name: str, args) -> dict[str, Any]:
     """Idle, contended and idle phases of one worker; returns the per-step times of each phase."""
     extra, mode = CONFIGS[name]
     env = clean_env(extra)
-    if mode.startswith("auto"):
+    if mode == "auto":
         # what ``ducat.cli`` does before torch is imported; done here because importing the ``ducat``
         # package imports torch (until its ``__init__`` is made lazy)
         from ducat.runtime import prepare_environment
 
         prepare_environment(env)
-    cmd = [sys.executable, __file__, "--worker", workload, "--mode", mode]
+    cmd = [sys.executable, __file__, "--worker", args.workload, "--mode", mode]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     phases: dict[str, dict] = {}
     try:
-        ready = json.loads(proc.stdout.readline())
+        json.loads(proc.stdout.readline())
         for phase in ("idle", "contended", "idle2"):
-            competitor = start_competitor() if phase == "contended" else None
+            competitor = start_competitor(args.competitor_threads) if phase == "contended" else None
             try:
-                proc.stdin.write(f"{steps} {secs}\n")
+                proc.stdin.write(f"{args.steps} {args.secs}\n")
                 proc.stdin.flush()
-                phases[phase] = json.loads(proc.stdout.readline()) | {"load": loadavg()}
+                phases[phase] = json.loads(proc.stdout.readline()) | {"load": os.getloadavg()[0]}
             finally:
                 if competitor is not None:
                     stop(competitor)
@@ -170,17 +168,20 @@ def measure(name: str, workload: str, steps: int, secs: float) -> dict[str, obje
     finally:
         if proc.poll() is None:
             proc.kill()
-    return {"name": name, "start_threads": ready["threads"], **phases}
+    return {"name": name, **phases}
 
 
-def summary_row(r: dict) -> str:
-    idle = r["idle"]["times"] + r["idle2"]["times"]
-    busy = r["contended"]["times"]
-    mi, mc = statistics.mean(idle), statistics.mean(busy)
-    th = sorted(set(r["contended"]["threads"]))
-    return (f"| {r['name']:11s} | {1000 * mi:8.0f} | {1000 * statistics.median(idle):8.0f} | {1000 * mc:8.0f} | "
-            f"{1000 * statistics.median(busy):8.0f} | {len(busy):5d} | {mc / mi:5.1f}x | "
-            f"{','.join(map(str, th)):>7s} | {r['contended']['load']:>14s} |")
+def summary_row(name: str, runs: list[dict[str, Any]]) -> str:
+    """Pooled mean step times over the repetitions; slowdown per repetition, median (min-max)."""
+    idle = [t for r in runs for t in r["idle"]["times"] + r["idle2"]["times"]]
+    busy = [t for r in runs for t in r["contended"]["times"]]
+    slow = [statistics.mean(r["contended"]["times"]) / statistics.mean(r["idle"]["times"] + r["idle2"]["times"])
+            for r in runs]
+    threads = sorted({t for r in runs for t in r["contended"]["threads"]})
+    loads = [r[p]["load"] for r in runs for p in ("idle", "contended", "idle2")]
+    return (f"| {name:11s} | {1000 * statistics.mean(idle):8.0f} | {1000 * statistics.mean(busy):10.0f} | "
+            f"{len(busy):5d} | {statistics.median(slow):5.1f}x ({min(slow):.1f}-{max(slow):.1f}) | "
+            f"{','.join(map(str, threads)):>7s} | {min(loads):.1f}-{max(loads):.1f} |")
 
 
 def main() -> None:
@@ -189,6 +190,8 @@ def main() -> None:
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--steps", type=int, default=12, help="at most this many steps per phase")
     p.add_argument("--secs", type=float, default=12.0, help="a phase ends after this many seconds (>= 2 steps)")
+    p.add_argument("--repeat", type=int, default=1, help="measure every config this many times, alternating order")
+    p.add_argument("--competitor-threads", type=int, help="competitor's threads (default: torch's default)")
     p.add_argument("--json", help="also write the raw per-step times here")
     p.add_argument("--worker", choices=("fmnist", "digits"), help=argparse.SUPPRESS)
     p.add_argument("--mode", help=argparse.SUPPRESS)
@@ -204,15 +207,18 @@ def main() -> None:
 
     print(f"# contention: PGD-10 + DUCAT training step, small_cnn, {args.workload}, batch 128")
     print(f"{os.cpu_count()} logical CPUs; torch {torch.__version__}; OpenMP runtime: {openmp_runtime()}")
-    print(f"competitor: relu(a @ a), 512 x 512 fp32, torch default threads ({torch.get_num_threads()})")
-    print(f"load average at start (1/5/15 min): {loadavg()}\n")
-    print("| config      | idle mean ms | idle median | contended mean | contended median | steps | slowdown "
-          "| threads | load contended |")
-    print("|-------------|----------|----------|----------|----------|-------|--------|---------|----------------|")
-    results = []
+    print(f"competitor: relu(a @ a), 512 x 512 fp32, {args.competitor_threads or torch.get_num_threads()} threads")
+    print(f"load average at start (1/5/15 min): {loadavg()}; {args.repeat} repetition(s)\n")
+    results: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    for r in range(args.repeat):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(measure(name, args))
+            print(f"  rep {r + 1} {name}: slowdown {summary_row(name, results[name][-1:]).split('|')[5].strip()}",
+                  flush=True)
+    print("\n| config      | idle ms  | contended ms | steps | slowdown median (min-max) | threads | 1-min load |")
+    print("|-------------|----------|--------------|-------|---------------------------|---------|------------|")
     for name in names:
-        results.append(measure(name, args.workload, args.steps, args.secs))
-        print(summary_row(results[-1]), flush=True)
+        print(summary_row(name, results[name]))
     print(f"\nload average at end: {loadavg()}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

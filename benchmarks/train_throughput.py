@@ -14,8 +14,8 @@ OpenMP runtime reads it when torch is imported):
              and OpenMP wait policy (``run.amp=off run.channels_last=off run.threads=<cores>``).
   defaults   ducat with no flags. Until the runtime pieces are wired into the library, ``--defaults
              emulate`` (the default) applies what the defaults will be: ``ducat.runtime.prepare_environment()``
-             on the process environment (passive OpenMP wait), the thread governor of
-             ``configure_threads(None)`` ticked before every forward, ``run.amp=bf16`` where
+             on the process environment (passive OpenMP wait), ``configure_threads(None)`` (torch's
+             default count capped by the usable CPUs and the container quota), ``run.amp=bf16`` where
              ``native_bf16('cpu')`` else fp32, ``run.channels_last=on`` where ``channels_last_faster``, and
              BatchNorm folding during the attack (``ducat.attacks.fold``). Once wired, ``--defaults library``
              runs ``Trainer(config)`` with no overrides (after ``prepare_environment()``, as the CLI does).
@@ -191,7 +191,7 @@ def fold_attacks(objective) -> None:
 class DucatLoop:
     """``Trainer(config).train_epoch`` on the first ``n`` images with ``overrides``; optional folding."""
 
-    def __init__(self, base: list[str], overrides: list[str], fold: bool, governor, out: Path):
+    def __init__(self, base: list[str], overrides: list[str], fold: bool, out: Path):
         from ducat.config import load_config
         from ducat.train import Trainer
 
@@ -199,8 +199,6 @@ class DucatLoop:
         self.trainer = Trainer(self.cfg, log=lambda s: None)
         if fold:
             fold_attacks(self.trainer.objective)
-        if governor is not None:
-            governor.attach(self.trainer.model)
         self.model, self.last = self.trainer.model, {}
 
     def epoch(self, epoch: int, max_steps: int | None = None) -> float:
@@ -231,12 +229,12 @@ def defaults_spec(mode: str) -> dict[str, Any]:
     from ducat.runtime import channels_last_faster, native_bf16
 
     if mode == "library":
-        return {"overrides": [], "fold": False, "governor": False, "amp": "library", "cl": "library"}
+        return {"overrides": [], "fold": False, "threads": "library", "amp": "library", "cl": "library"}
     bf16 = native_bf16("cpu")
     cl = channels_last_faster(build_model("small_cnn", 10, 1), "cpu")
     return {"overrides": [f"run.amp={'bf16' if bf16 else chr(39) + 'off' + chr(39)}",
                           f"run.channels_last='{'on' if cl else 'off'}'"],
-            "fold": True, "governor": True, "amp": "bf16" if bf16 else "fp32", "cl": "on" if cl else "off"}
+            "fold": True, "threads": "auto", "amp": "bf16" if bf16 else "fp32", "cl": "on" if cl else "off"}
 
 
 def ablation(spec: dict[str, Any], name: str) -> tuple[list[str], bool]:
@@ -282,19 +280,18 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
     elif kind == "old":
         old = ["run.amp='off'", "run.channels_last='off'", f"run.threads={torch.get_num_threads()}"]
         old += ["run.fold_bn=false"] if has_run_key("fold_bn") else []
-        runners["ducat-0.1"] = DucatLoop(base, old, False, None, tmp / "old")
+        runners["ducat-0.1"] = DucatLoop(base, old, False, tmp / "old")
     else:
         spec = defaults_spec(args.defaults)
-        governor = None
-        if spec["governor"]:
+        if spec["threads"] == "auto":
             from ducat.runtime import configure_threads
 
-            governor = configure_threads(None)
-        runners["defaults"] = DucatLoop(base, spec["overrides"], spec["fold"], governor, tmp / "defaults")
+            configure_threads(None)
+        runners["defaults"] = DucatLoop(base, spec["overrides"], spec["fold"], tmp / "defaults")
         for name in ([] if args.quick or args.defaults == "library" else ABLATIONS):
             overrides, fold = ablation(spec, name)
-            runners[name] = DucatLoop(base, overrides, fold, governor, tmp / name)
-        info.update(spec=spec, governor=governor is not None)
+            runners[name] = DucatLoop(base, overrides, fold, tmp / name)
+        info.update(spec=spec)
     return runners, info
 
 
@@ -541,7 +538,7 @@ def main() -> None:
         spec = workers["new"].info["spec"]
         print(f"defaults as measured: amp {spec['amp']}, channels_last {spec['cl']}, BN folding "
               f"{'on' if spec['fold'] else 'as the library does'}, threads "
-              f"{'governor (free cores)' if spec['governor'] else 'as the library does'}; torch default threads "
+              f"{spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
         precision = {"ref": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"] if spec["amp"] != "library" else
