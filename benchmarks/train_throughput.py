@@ -5,7 +5,9 @@ PGD-10 + DUCAT on small_cnn (2C head), Fashion-MNIST 28x28, batch 128, eps 0.1, 
 Each loop runs in its own process, so that each gets the environment it would have in real use (the
 OpenMP runtime reads it when torch is imported):
 
-  ref        typical research code, torch's defaults: torchvision ``FashionMNIST`` returning PIL images,
+  ref        typical research code, torch's defaults (``ref-passive``: the same code in a process with
+             ducat's environment, passive OpenMP waiting, which separates ducat's own gains from the
+             wait policy's on a machine that other jobs load): torchvision ``FashionMNIST`` returning PIL images,
              ``Compose([RandomCrop(28, padding=2), RandomHorizontalFlip(), ToTensor()])``,
              ``DataLoader(batch_size=128, shuffle=True, num_workers=2, persistent_workers=True)``; PGD steps
              call ``loss.backward()`` through all parameters; separate forwards of ``x`` and ``x_adv``; the
@@ -27,12 +29,16 @@ of every loop in a rotated order, and the fp32 and bf16 ``torch.mm`` rate (2048 
 defaults' process at the thread count it is using. Ratios to ``ref`` are taken within a round; medians
 over rounds are reported. Achieved GFLOP/s = (2K + 6) F x images/s, F = conv + linear FLOPs of one
 forward (the reference's extra weight gradients in PGD are not credited). "% of matmul" compares with
-the matmul rate of the precision the loop trains in, measured in the same round.
+the matmul rate of the precision the loop trains in, measured in the same round. On a shared machine
+other users' jobs load the rounds unevenly (and a spinning OpenMP loop collapses under such load), so
+every round records its background load -- cores kept busy by processes outside this benchmark, from
+``/proc`` -- and the table uses the rounds with less than 0.5 busy cores when there are at least two.
 
-Contention. Then the defaults run idle, with a competitor, and idle again: the competitor is a separate
-process running ``relu(a @ a)`` on 512 x 512 fp32 forever with torch's default threads (see
-``benchmarks/contention.py``), started and stopped by this script. Slowdown = mean epoch time
-contended / mean idle epoch time. ``--contend-all`` also measures ``ref`` and ``ducat-0.1``.
+Contention. Then the defaults run idle and, ``--cycles`` times, contended and idle again: the
+competitor is a separate process running ``relu(a @ a)`` on 512 x 512 fp32 forever with torch's
+default threads (see ``benchmarks/contention.py``), started and stopped by this script. Slowdown =
+median over contended phases of their mean epoch time / the mean of the idle phases on either side.
+``--contend-all`` also measures ``ref`` and ``ducat-0.1`` (one cycle).
 
 The last line reads ``defaults: ratio R.RRx, P% of <fp32|bf16> matmul, contention slowdown S.Sx``.
 
@@ -57,12 +63,22 @@ import time
 from pathlib import Path
 from typing import Any
 
-from contention import SRC, clean_env, start_competitor, stop
+from contention import (
+    SRC,
+    alternate,
+    background_cores,
+    clean_env,
+    fmt_cores,
+    load_sample,
+    slowdowns,
+)
 
 PRESET = "cpu-fmnist-small_cnn-pgd_at-ducat"
 BATCH = 128
 WARM_STEPS = 2
 ABLATIONS = ("-bf16", "-cl", "-fold")
+KINDS = ("ref", "ref-passive", "old", "new")  # worker processes; ref-passive: ref with ducat's environment
+QUIET_CORES = 0.5  # rounds with less background load (cores busy outside this benchmark) count as idle
 
 
 def uptime() -> str:
@@ -273,10 +289,9 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
             "ducat.start_epoch=1", "run.progress=false", "run.tensorboard=false", "run.device=cpu"]
     runners: dict[str, Any] = {}
     info: dict[str, Any] = {"torch_default_threads": torch.get_num_threads()}
-    if kind == "ref":
-        runners["ref"] = RefLoop(load_config(PRESET, base + [f"run.out={tmp / 'ref'}"]), args.n, tmp, args.workers)
-        model = runners["ref"].model
-        info.update(flops=count_flops(model, (1, 28, 28)), steps=runners["ref"].cfg.attack.steps)
+    if kind in ("ref", "ref-passive"):
+        runners[kind] = RefLoop(load_config(PRESET, base + [f"run.out={tmp / kind}"]), args.n, tmp, args.workers)
+        info.update(flops=count_flops(runners[kind].model, (1, 28, 28)), steps=runners[kind].cfg.attack.steps)
     elif kind == "old":
         old = ["run.amp='off'", "run.channels_last='off'", f"run.threads={torch.get_num_threads()}"]
         old += ["run.fold_bn=false"] if has_run_key("fold_bn") else []
@@ -419,39 +434,39 @@ def run_rounds(workers: dict[str, Worker], rounds: int, n: int, precision: str) 
     threads: dict[str, list[int]] = {k: [] for k in names}
     loss: dict[str, float] = {}
     mm: list[dict[str, float]] = []
+    background: list[float | None] = []
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
+        before = load_sample()
         mm.append(workers["new"].ask("matmul " + " ".join(sorted({"fp32", precision}))))
         for name in (order if r % 2 == 0 else order[::-1]):
             out = owner[name].ask(f"epoch {name} {2 + r}")
             ips[name].append(n / out["secs"])
             threads[name].append(out["threads"])
             loss[name] = out["loss"]
-        print(f"  round {r + 1}/{rounds}: mm fp32 {mm[-1]['fp32']:.0f} GFLOP/s ({mm[-1]['threads']} thr); img/s "
-              + ", ".join(f"{k} {ips[k][-1]:.0f}" for k in names), flush=True)
-    return {"names": names, "ips": ips, "threads": threads, "loss": loss, "mm": mm}
+        background.append(background_cores(before, load_sample()))
+        print(f"  round {r + 1}/{rounds}: background {fmt_cores(background[-1])} cores; mm fp32 {mm[-1]['fp32']:.0f} "
+              f"GFLOP/s ({mm[-1]['threads']} thr); img/s " + ", ".join(f"{k} {ips[k][-1]:.0f}" for k in names),
+              flush=True)
+    return {"names": names, "ips": ips, "threads": threads, "loss": loss, "mm": mm, "background": background}
 
 
-def contention(worker: Worker, name: str, start_epoch: int, min_epochs: int, min_secs: float) -> dict[str, Any]:
-    """Epoch times of ``name`` idle, with the competitor running, and idle again."""
-    phases: dict[str, list[float]] = {}
-    threads: dict[str, list[int]] = {}
-    epoch = start_epoch
-    for phase in ("idle", "contended", "idle2"):
-        competitor = start_competitor() if phase == "contended" else None
-        try:
-            phases[phase], threads[phase], t0 = [], [], time.perf_counter()
-            while len(phases[phase]) < min_epochs or time.perf_counter() - t0 < min_secs:
-                out = worker.ask(f"epoch {name} {epoch}")
-                epoch += 1
-                phases[phase].append(out["secs"])
-                threads[phase].append(out["threads"])
-        finally:
-            if competitor is not None:
-                stop(competitor)
-    idle = statistics.mean(phases["idle"] + phases["idle2"])
-    return {"phases": phases, "threads": threads, "slowdown": statistics.mean(phases["contended"]) / idle,
-            "load": os.getloadavg()[0]}
+def contention(worker: Worker, name: str, min_epochs: int, min_secs: float, cycles: int) -> dict[str, Any]:
+    """Epoch times of ``name`` idle, then ``cycles`` x (with the competitor running, idle again)."""
+    epoch = 100
+
+    def run_phase() -> dict[str, Any]:
+        nonlocal epoch
+        times, threads, t0 = [], [], time.perf_counter()
+        while len(times) < min_epochs or time.perf_counter() - t0 < min_secs:
+            out = worker.ask(f"epoch {name} {epoch}")
+            epoch += 1
+            times.append(out["secs"])
+            threads.append(out["threads"])
+        return {"times": times, "threads": threads}
+
+    phases = alternate(run_phase, cycles, None)
+    return {"phases": phases, "slowdown": med(slowdowns(phases))}
 
 
 def med(v) -> float:
@@ -460,26 +475,36 @@ def med(v) -> float:
 
 def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> dict[str, dict[str, float]]:
     """The throughput table; returns ratio and % of matmul per loop."""
-    names, ips, mm = res["names"], res["ips"], res["mm"]
+    names, mm = res["names"], res["mm"]
+    quiet = [i for i, b in enumerate(res["background"]) if b is not None and b < QUIET_CORES]
+    use = quiet if len(quiet) >= 2 else list(range(len(mm)))
+    ips = {name: [v[i] for i in use] for name, v in res["ips"].items()}
+    mm = [mm[i] for i in use]
+    print(f"\n## rounds used below: {len(use)} of {len(res['mm'])} "
+          + (f"(those with background load < {QUIET_CORES} cores)" if use == quiet else
+             f"(all: fewer than 2 rounds had background load < {QUIET_CORES} cores)")
+          + "; background cores per round: " + ", ".join(fmt_cores(b) for b in res["background"]))
     useful = (2 * k + 6) * f
     print(f"\n## FLOPs: F = {f / 1e6:.2f} MFLOP per forward (conv + linear); a ducat step does (2K + 6) F = "
           f"{2 * k + 6} F = {useful / 1e6:.1f} MFLOP per image (K = {k}); the reference executes (3K + 6) F")
     print(f"## matmul (torch.mm 2048 x 2048, defaults' process): fp32 median {med(m['fp32'] for m in mm):.1f} GFLOP/s"
           + (f", bf16 median {med(m['bf16'] for m in mm):.1f}" if "bf16" in mm[0] else "")
           + f" at {sorted({m['threads'] for m in mm})} threads\n")
-    print("| loop       | trains in | img/s median (min-max) | x ref median (min-max) | GFLOP/s | % of its matmul "
-          "| threads | loss  |")
-    print("|------------|-----------|------------------------|------------------------|---------|-----------------"
-          "|---------|-------|")
+    print("| loop        | trains in | img/s median (min-max) | x ref median (min-max) | x ref-passive | GFLOP/s "
+          "| % of its matmul | threads | loss  |")
+    print("|-------------|-----------|------------------------|------------------------|---------------|---------"
+          "|-----------------|---------|-------|")
     out = {}
     for name in names:
         v = ips[name]
         ratios = [a / b for a, b in zip(v, ips["ref"])]
+        ratios_passive = [a / b for a, b in zip(v, ips["ref-passive"])]
         p = precision[name]
         pct = [100 * useful * a / 1e9 / m[p] for a, m in zip(v, mm)]
         out[name] = {"ratio": med(ratios), "pct": med(pct), "precision": p}
-        print(f"| {name:10s} | {p:9s} | {med(v):6.1f} ({min(v):6.1f}-{max(v):6.1f}) | {med(ratios):5.2f} "
-              f"({min(ratios):4.2f}-{max(ratios):4.2f})      | {useful * med(v) / 1e9:7.1f} | {med(pct):14.0f}% "
+        print(f"| {name:11s} | {p:9s} | {med(v):6.1f} ({min(v):6.1f}-{max(v):6.1f}) | {med(ratios):5.2f} "
+              f"({min(ratios):5.2f}-{max(ratios):5.2f})    | {med(ratios_passive):12.2f}x "
+              f"| {useful * med(v) / 1e9:7.1f} | {med(pct):14.0f}% "
               f"| {','.join(map(str, sorted(set(res['threads'][name])))):>7s} | {res['loss'][name]:5.3f} |")
     spread = {k: (max(v) - min(v)) / med(v) for k, v in ips.items()}
     print(f"\nnoise: img/s spread (max-min)/median over rounds: median {med(spread.values()):.0%}, "
@@ -488,11 +513,11 @@ def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> 
 
 
 def print_contention(name: str, c: dict[str, Any]) -> None:
-    ph, th = c["phases"], c["threads"]
-    print(f"  {name:10s} epoch s (mean): idle {statistics.mean(ph['idle']):.2f} ({len(ph['idle'])} epochs, "
-          f"threads {sorted(set(th['idle']))}), contended {statistics.mean(ph['contended']):.2f} "
-          f"({len(ph['contended'])}, threads {th['contended']}), idle again {statistics.mean(ph['idle2']):.2f} "
-          f"({len(ph['idle2'])}) -> slowdown {c['slowdown']:.1f}x (1-min load {c['load']:.2f})", flush=True)
+    for ph in c["phases"]:
+        print(f"  {name:10s} {ph['kind']:9s}: {len(ph['times'])} epochs, mean {statistics.mean(ph['times']):.2f} s, "
+              f"threads {sorted(set(ph['threads']))}, background {fmt_cores(ph['background'])} cores")
+    print(f"  {name:10s} slowdown per contended phase (vs the idle phases on either side): "
+          + ", ".join(f"{v:.2f}x" for v in slowdowns(c["phases"])) + f"; median {c['slowdown']:.1f}x", flush=True)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -502,11 +527,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="3 rounds, no ablations")
     p.add_argument("--defaults", choices=("emulate", "library"), default="emulate",
                    help="emulate the shipped defaults (until wired in) or use the library with no flags")
+    p.add_argument("--cycles", type=int, default=2, help="contended phases of the defaults, each between idle ones")
     p.add_argument("--contend-all", action="store_true", help="also measure ref and ducat-0.1 under contention")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers of the reference loop")
     p.add_argument("--json", help="also write the measurements to this JSON file")
     p.add_argument("--means", type=int, metavar="REPS", help="only the per-PGD-step table of fold/layout/precision")
-    p.add_argument("--worker", choices=("ref", "old", "new"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.n % BATCH or args.n < BATCH:
         raise SystemExit(f"--n must be a positive multiple of {BATCH}")
@@ -533,7 +559,7 @@ def main() -> None:
     # (importing the ``ducat`` package imports torch, until its ``__init__`` is made lazy)
     new_env = dict(env)
     prepare_environment(new_env)
-    workers = {kind: Worker(kind, args, new_env if kind == "new" else env) for kind in ("ref", "old", "new")}
+    workers = {kind: Worker(kind, args, new_env if kind in ("new", "ref-passive") else env) for kind in KINDS}
     try:
         spec = workers["new"].info["spec"]
         print(f"defaults as measured: amp {spec['amp']}, channels_last {spec['cl']}, BN folding "
@@ -541,17 +567,18 @@ def main() -> None:
               f"{spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
-        precision = {"ref": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"] if spec["amp"] != "library" else
+        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"] if spec["amp"] != "library" else
                      "fp32", "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, precision["defaults"])
         table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
-        print(f"\n## contention: one competitor ({os.cpu_count()} threads of relu(a @ a)), idle / contended / idle")
-        cont = {"defaults": contention(workers["new"], "defaults", 100, 3, 8.0)}
+        print(f"\n## contention: one competitor ({os.cpu_count()} threads of relu(a @ a)); idle, then "
+              f"{args.cycles} x (contended, idle)")
+        cont = {"defaults": contention(workers["new"], "defaults", 3, 6.0, args.cycles)}
         print_contention("defaults", cont["defaults"])
         if args.contend_all:
             for kind, name in (("old", "ducat-0.1"), ("ref", "ref")):
-                cont[name] = contention(workers[kind], name, 100, 2, 4.0)
+                cont[name] = contention(workers[kind], name, 2, 4.0, 1)
                 print_contention(name, cont[name])
         if args.json:
             Path(args.json).write_text(json.dumps({"rounds": res, "contention": cont, "table": table}, indent=1))
