@@ -18,7 +18,8 @@ Candidates (``--configs``, comma-separated):
   t1          1 intra-op thread
   t2-passive  2 threads, ``OMP_WAIT_POLICY=PASSIVE`` (threads sleep at barriers instead of spinning)
   t2-spin0    2 threads, ``GOMP_SPINCOUNT=0`` (libgomp only; the spin part of the wait alone)
-  t2-spin10k  2 threads, ``GOMP_SPINCOUNT=10000``: a short spin, then sleep (libgomp's default is 300000)
+  t2-spin1k   2 threads, ``GOMP_SPINCOUNT=1000``: a short spin, then sleep (libgomp's default is 300000)
+  t2-spin10k  2 threads, ``GOMP_SPINCOUNT=10000``
   t1-passive  1 thread, ``OMP_WAIT_POLICY=PASSIVE``
   auto        ducat's runtime setup: ``ducat.runtime.prepare_environment()`` applied to the worker's
               environment (passive wait unless set) + ``configure_threads(None)`` (torch's default count,
@@ -50,6 +51,7 @@ CONFIGS: dict[str, tuple[dict[str, str], str]] = {  # name -> (environment, thre
     "t1": ({}, "1"),
     "t2-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "2"),
     "t2-spin0": ({"GOMP_SPINCOUNT": "0"}, "2"),
+    "t2-spin1k": ({"GOMP_SPINCOUNT": "1000"}, "2"),
     "t2-spin10k": ({"GOMP_SPINCOUNT": "10000"}, "2"),
     "t1-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "1"),
     "auto": ({}, "auto"),
