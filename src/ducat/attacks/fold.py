@@ -101,10 +101,6 @@ class FoldedView(nn.Module):
             setattr(graph_module, f"{name}_weight", weight.detach().contiguous(memory_format=layout))
             setattr(graph_module, f"{name}_bias", bias.detach())
 
-    @property
-    def module(self) -> nn.Module:
-        return self._held[0]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         module, graph_module = self._held
         with eval_mode(module):  # unfolded BatchNorms (pre-activation nets) use running statistics
