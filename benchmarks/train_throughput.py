@@ -1,52 +1,50 @@
 #!/usr/bin/env python
-"""Training throughput of PGD-10 + DUCAT: ducat's loop against a typical research-code loop.
+"""Training throughput of ducat's *defaults* against a typical research-code loop, idle and contended.
 
-One process, one machine, the same model (small_cnn with a 2C head), the same Fashion-MNIST images,
-batch 128, eps 0.1, step 0.025, 10 PGD steps, SGD lr 0.1. Prints images/s of every variant, the
-ratio to the reference loop, the model FLOPs per training image (formula printed), the achieved
-GFLOP/s, and the fp32 and bf16 matmul GFLOP/s of this machine measured in the same run.
+PGD-10 + DUCAT on small_cnn (2C head), Fashion-MNIST 28x28, batch 128, eps 0.1, step 0.025, SGD lr 0.1.
+Each loop runs in its own process, so that each gets the environment it would have in real use (the
+OpenMP runtime reads it when torch is imported):
 
-Variants (``--variants``, comma-separated). ``ducat+...`` variants combine any of the parts
-``cl``, ``bf16``, ``compile`` (config keys of the public API) and ``cl*``, ``bnfold*`` (a ``*``
-marks a *proposed* library change, emulated in this script; it is not in the library):
+  ref        typical research code, torch's defaults (``ref-passive``: the same code in a process with
+             ducat's environment, passive OpenMP waiting, which separates ducat's own gains from the
+             wait policy's on a machine that other jobs load): torchvision ``FashionMNIST`` returning PIL images,
+             ``Compose([RandomCrop(28, padding=2), RandomHorizontalFlip(), ToTensor()])``,
+             ``DataLoader(batch_size=128, shuffle=True, num_workers=2, persistent_workers=True)``; PGD steps
+             call ``loss.backward()`` through all parameters; separate forwards of ``x`` and ``x_adv``; the
+             DUCAT soft-label CE inline; ``.item()`` statistics every step.
+  ducat-0.1  ducat as it shipped before this work: fp32, NCHW, no BatchNorm folding, torch's thread count
+             and OpenMP wait policy (``run.amp=off run.channels_last=off run.threads=<cores>``).
+  defaults   ducat with no flags. Until the runtime pieces are wired into the library, ``--defaults
+             emulate`` (the default) applies what the defaults will be: ``ducat.runtime.prepare_environment()``
+             on the process environment (passive OpenMP wait), ``configure_threads(None)`` (torch's
+             default count capped by the usable CPUs and the container quota), ``run.amp=bf16`` where
+             ``native_bf16('cpu')`` else fp32, ``run.channels_last=on`` where ``channels_last_faster``, and
+             BatchNorm folding during the attack (``ducat.attacks.fold``). Once wired, ``--defaults library``
+             runs ``Trainer(config)`` with no overrides (after ``prepare_environment()``, as the CLI does).
+  -bf16, -cl, -fold   the defaults without one of their means (same process as ``defaults``).
 
-  ref                 typical research code: torchvision ``FashionMNIST`` returning PIL images,
-                      ``Compose([RandomCrop(28, padding=2), RandomHorizontalFlip(), ToTensor()])``,
-                      ``DataLoader(batch_size=128, shuffle=True, num_workers=2)`` (persistent workers,
-                      so the per-epoch worker start-up of these short epochs is not charged); PGD steps
-                      call ``loss.backward()`` through all parameters (grads accumulate, zeroed before
-                      the update); separate forwards ``model(x)``, ``model(x_adv)``; DUCAT soft-label CE
-                      written inline with ``ducat.dummy.soft_labels``; ``.item()`` statistics per step.
-  ref-nw0             the same with ``num_workers=0``.
-  ref+tensors         ladder 1: data as uint8 tensors, ducat's TensorLoader + vectorised crop/flip.
-  ref+tensors+igrad   ladder 2: + PGD gradients w.r.t. the input only (``torch.autograd.grad``).
-  ref+tensors+igrad+cat  ladder 3: + one forward over ``cat([x, x_adv])`` (ducat's algorithm, inline).
-  ducat               ``ducat.train.Trainer(config).train_epoch(epoch)``, preset
-                      ``cpu-fmnist-small_cnn-pgd_at-ducat`` with its CPU defaults (fp32, NCHW, eager).
-  +cl                 ``run.channels_last=on`` (the CPU default ``auto`` is off).
-  +cl*                + the augmented batch kept channels_last (``random_crop_flip`` returns NCHW).
-  +bnfold*            PGD steps run on a copy of the model with the eval-mode BatchNorms folded into
-                      their convs (``torch.fx.experimental.optimization.fuse``), rebuilt every batch.
-  +bf16               ``run.amp=bf16``: bf16 autocast on the CPU (run only with AVX512-BF16 or AMX).
-  +compile            ``run.compile=true`` (``torch.compile``; compile time reported, not timed).
+Measurement. Every loop trains its own model from the same seed on the first ``--n`` (256) training
+images; 2 warm-up steps each, then ``--rounds`` rounds. A round times one epoch (``--n`` / 128 steps)
+of every loop in a rotated order, and the fp32 and bf16 ``torch.mm`` rate (2048 x 2048) in the
+defaults' process at the thread count it is using. Ratios to ``ref`` are taken within a round; medians
+over rounds are reported. Achieved GFLOP/s = (2K + 6) F x images/s, F = conv + linear FLOPs of one
+forward (the reference's extra weight gradients in PGD are not credited). "% of matmul" compares with
+the matmul rate of the precision the loop trains in, measured in the same round. On a shared machine
+other users' jobs load the rounds unevenly (and a spinning OpenMP loop collapses under such load), so
+every round records its background load -- cores kept busy by processes outside this benchmark, from
+``/proc`` -- and the table uses the rounds with less than 0.5 busy cores when there are at least two.
 
-Measurement: every variant trains its own model from the same seed on the first ``--n`` (256)
-training images; a warm-up (2 steps, not timed) per variant, then ``--rounds`` rounds; a round times
-one epoch (``--n`` / 128 steps) of every variant, in a rotated order, plus one fp32 and one bf16
-matmul. Short epochs and many rounds interleave the variants finely, so load from other processes on
-a shared machine hits all of them alike. Ratios to ``ref`` are taken within a round; the median over
-rounds is reported with its min-max range, and the run prints how noisy it was.
-Accuracy is not measured in the timing run (a few steps of training say nothing about it):
-``--accuracy-check`` trains fp32 and bf16 (two seeds each) for a few epochs and evaluates in fp32.
+Contention. Then the defaults run idle and, ``--cycles`` times, contended and idle again: the
+competitor is a separate process running ``relu(a @ a)`` on 512 x 512 fp32 forever with torch's
+default threads (see ``benchmarks/contention.py``), started and stopped by this script. Slowdown =
+median over contended phases of their mean epoch time / the mean of the idle phases on either side.
+``--contend-all`` also measures ``ref`` and ``ducat-0.1`` (one cycle).
 
-    python benchmarks/train_throughput.py --threads 1            # ~3-4 min on 2 cores
-    python benchmarks/train_throughput.py --threads 1 --quick    # ~1 min
-    python benchmarks/train_throughput.py --threads 1 --profile  # + torch.profiler tables
-    python benchmarks/train_throughput.py --threads 1 --accuracy-check   # ~9 min
+The last line reads ``defaults: ratio R.RRx, P% of <fp32|bf16> matmul, contention slowdown S.Sx``.
 
-``--threads`` sets torch's intra-op threads for training and for the matmul reference alike (default:
-torch's own default, one per core). On a machine shared with other busy processes use 1: the run
-prints a 1-thread vs N-thread latency check that shows why.
+    python benchmarks/train_throughput.py                  # ~4 min on 2 cores
+    python benchmarks/train_throughput.py --quick          # ~2 min: 3 rounds, no ablations
+    python benchmarks/train_throughput.py --contend-all    # + ref and ducat-0.1 under contention (slow)
 """
 
 from __future__ import annotations
@@ -58,114 +56,39 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-import ducat
-from ducat.attacks import PGD, eval_mode
-from ducat.config import load_config
-from ducat.data import TensorData, TensorLoader, load_split
-from ducat.dummy import DummyClassModel, soft_labels
-from ducat.models import count_flops
-from ducat.objectives.base import attacked_view
-from ducat.runs import build_run_model
-from ducat.train import Trainer, validate_model
+from contention import (
+    SRC,
+    alternate,
+    background_cores,
+    clean_env,
+    fmt_cores,
+    load_sample,
+    slowdowns,
+)
 
 PRESET = "cpu-fmnist-small_cnn-pgd_at-ducat"
 BATCH = 128
 WARM_STEPS = 2
-REF_VARIANTS = ["ref", "ref-nw0", "ref+tensors", "ref+tensors+igrad", "ref+tensors+igrad+cat"]
-DUCAT_PARTS = ["cl", "cl*", "bnfold*", "bf16", "compile"]
-FULL_VARIANTS = ["ref", "ref+tensors", "ref+tensors+igrad", "ducat", "ducat+cl", "ducat+cl*", "ducat+bnfold*",
-                 "ducat+cl+bnfold*", "ducat+bf16", "ducat+bf16+cl", "ducat+bf16+cl+bnfold*", "ducat+compile"]
-QUICK_VARIANTS = ["ref", "ducat", "ducat+cl", "ducat+bf16+cl"]
+ABLATIONS = ("-bf16", "-cl", "-fold")
+KINDS = ("ref", "ref-passive", "old", "new")  # worker processes; ref-passive: ref with ducat's environment
+QUIET_CORES = 0.5  # rounds with less background load (cores busy outside this benchmark) count as idle
 
 
-# ---- machine -------------------------------------------------------------------------------------
-def cpu_info() -> tuple[str, set[str]]:
-    name, flags = platform.processor() or "unknown", set()
+def uptime() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return name, flags
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def bf16_cpu_support(flags: set[str]) -> tuple[bool, str]:
-    native = sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags)
-    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    detail = (f"cpu flags: {', '.join(native) or 'no avx512_bf16 / amx_bf16'}; oneDNN bf16 kernels: {onednn}; "
-              f"torch cpu capability: {torch.backends.cpu.get_cpu_capability()}")
-    return bool(native) and onednn, detail
-
-
-def matmul_gflops(n: int, dtype: torch.dtype, reps: int = 5) -> float:
-    """Median GFLOP/s of ``torch.mm`` on n x n matrices (2 n^3 FLOPs per product)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
-
-
-def loadavg() -> str:
-    try:
-        return " ".join(f"{v:.2f}" for v in os.getloadavg())
-    except OSError:
-        return "n/a"
-
-
-def thread_check(model: nn.Module, threads: int) -> str:
-    """Median ms of one PGD step (fwd + input-grad bwd, batch 128) at 1 thread and at ``threads``, ABAB."""
-    model = build_like(model).eval()
-    x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
-
-    def step():
-        xx = x.clone().requires_grad_(True)
-        torch.autograd.grad(F.cross_entropy(model(xx), y), xx)
-
-    before = torch.get_num_threads()
-    times: dict[int, list[float]] = {1: [], threads: []}
-    try:
-        for t in (1, threads):
-            torch.set_num_threads(t)
-            step()
-        for r in range(6):
-            for t in ((1, threads) if r % 2 == 0 else (threads, 1)):
-                torch.set_num_threads(t)
-                t0 = time.perf_counter()
-                step()
-                times[t].append(1000 * (time.perf_counter() - t0))
-    finally:
-        torch.set_num_threads(before)
-    a, b = statistics.median(times[1]), statistics.median(times[threads])
-    verdict = ("the cores are oversubscribed: use --threads 1 (and run.threads=1 for training)" if b > a else
-               "more threads help here")
-    return f"one PGD step at 1 thread {a:.0f} ms, at {threads} threads {b:.0f} ms -> {verdict}"
-
-
-def build_like(model: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
-# ---- data ------------------------------------------------------------------------------------------
+# =========================================== worker side ===========================================
 def torchvision_fmnist(tmp: Path, transform) -> Any:
     """``torchvision.datasets.FashionMNIST`` over the local idx files (decompressed into ``tmp``)."""
     from torchvision import datasets
@@ -189,139 +112,116 @@ def torchvision_fmnist(tmp: Path, transform) -> Any:
     return datasets.FashionMNIST(str(tmp), train=True, transform=transform, download=False)
 
 
-# ---- the reference loop and its ladder -------------------------------------------------------------
 class RefLoop:
-    """Research-code style PGD-10 + DUCAT step; ``data``/``grads``/``forward`` select the ladder rung."""
+    """Research-code style PGD-10 + DUCAT training (see the module docstring)."""
 
-    def __init__(self, cfg, n: int, data: str, grads: str, forward: str, workers: int, tv_dataset,
-                 tensors: TensorData):
-        self.cfg, self.grads, self.forward = cfg, grads, forward
+    def __init__(self, cfg, n: int, tmp: Path, workers: int):
+        import torch
+        from torch.utils.data import DataLoader, Subset
+        from torchvision import transforms
+
+        from ducat.runs import build_run_model
+
+        self.cfg = cfg
         torch.manual_seed(cfg.run.seed)
         self.model = build_run_model(cfg)
         o = cfg.optim
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                   weight_decay=o.weight_decay)
-        if data == "pil":
-            from torch.utils.data import DataLoader, Subset
-
-            self.loader = DataLoader(Subset(tv_dataset, range(n)), batch_size=BATCH, shuffle=True,
-                                     num_workers=workers, persistent_workers=workers > 0)
-        else:
-            gen = torch.Generator().manual_seed(cfg.run.seed)
-            self.loader = TensorLoader(tensors, BATCH, shuffle=True, augment=True,
-                                       crop_padding=cfg.data.crop_padding, flip=cfg.data.flip, generator=gen)
-        self.images_per_epoch = n
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        tv = torchvision_fmnist(tmp, transforms.Compose(
+            [transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(), transforms.ToTensor()]))
+        self.loader = DataLoader(Subset(tv, range(n)), batch_size=BATCH, shuffle=True, num_workers=workers,
+                                 persistent_workers=workers > 0)
         self.last: dict[str, float] = {}
 
-    def attack(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def attack(self, x, y):
+        import torch
+        import torch.nn.functional as F
+
         a = self.cfg.attack
         self.model.eval()
         x_adv = (x + torch.empty_like(x).uniform_(-a.eps, a.eps)).clamp(0, 1)
         for _ in range(a.steps):
             x_adv.requires_grad_(True)
             loss = F.cross_entropy(self.model(x_adv), y)
-            if self.grads == "all":
-                loss.backward()  # weight grads computed too; they accumulate and are zeroed before the update
-                grad = x_adv.grad
-            else:
-                (grad,) = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + a.step_size * grad.sign()
+            loss.backward()  # weight grads computed too; they accumulate and are zeroed before the update
+            x_adv = x_adv.detach() + a.step_size * x_adv.grad.sign()
             x_adv = torch.min(torch.max(x_adv, x - a.eps), x + a.eps).clamp(0, 1)
         self.model.train()
         return x_adv.detach()
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        u = self.cfg.ducat
+    def step(self, x, y) -> float:
+        import torch.nn.functional as F
+
+        from ducat.dummy import soft_labels
+
+        u, index = self.cfg.ducat, self.model.dummy_index
         x_adv = self.attack(x, y)
-        if self.forward == "separate":
-            z_clean, z_adv = self.model(x), self.model(x_adv)
-        else:
-            z_clean, z_adv = self.model(torch.cat([x, x_adv])).chunk(2)
-        index = self.model.dummy_index
+        z_clean, z_adv = self.model(x), self.model(x_adv)
         ce_clean = -(soft_labels(y, u.beta1, index) * F.log_softmax(z_clean, 1)).sum(1).mean()
         ce_adv = -(soft_labels(y, 1 - u.beta2, index) * F.log_softmax(z_adv, 1)).sum(1).mean()
         loss = u.alpha * ce_clean + (1 - u.alpha) * ce_adv
         self.opt.zero_grad()
         loss.backward()
         self.opt.step()
-        return loss.item(), (z_adv.argmax(1) == y).sum().item()
+        self.correct = (z_adv.argmax(1) == y).sum().item()  # per-step statistics, synchronising like research code
+        return loss.item()
 
     def epoch(self, epoch: int, max_steps: int | None = None) -> float:
         self.model.train()
-        losses = []
-        t = time.perf_counter()
+        losses, t = [], time.perf_counter()
         for i, (x, y) in enumerate(self.loader):
             if max_steps is not None and i >= max_steps:
                 break
-            losses.append(self.step(x, y)[0])
+            losses.append(self.step(x, y))
         secs = time.perf_counter() - t
         self.last = {"train_loss": sum(losses) / max(len(losses), 1)}
         return secs
 
 
-# ---- ducat's loop, through its public API, and the proposed changes ---------------------------------
-def fold_bn(model: nn.Module) -> nn.Module:
-    """Copy of an eval-mode model with each BatchNorm folded into its conv; parameters frozen."""
-    from torch.fx.experimental.optimization import fuse
+def fold_attacks(objective) -> None:
+    """Emulates the proposed ``Objective.craft``: PGD on a cached, refreshed BN-folded attacked view."""
+    from ducat.attacks import PGD, eval_mode
+    from ducat.attacks.fold import folded
+    from ducat.objectives.base import attacked_view
 
-    folded = DummyClassModel(fuse(model.net), model.dummy_index) if isinstance(model, DummyClassModel) else fuse(model)
-    for p in folded.parameters():
-        p.requires_grad_(False)
-    return folded.eval()
+    cache: dict[tuple[int, str], Any] = {}
+    plain = objective.craft
 
-
-def patch_bnfold(trainer: Trainer) -> None:
-    """Proposed ``Objective.craft``: the same PGD (same RNG draws) on a BN-folded copy of the model."""
-    obj = trainer.objective
-    base = obj.craft
-
-    def craft(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        a = obj.attack
+    def craft(model, x, y):
+        a = objective.attack
         if not a.bn_eval:
-            return base(model, x, y)
+            return plain(model, x, y)
+        key = (id(model), a.mode)
+        if key not in cache:
+            cache[key] = folded(attacked_view(model, a.mode))
+        view = cache[key]
+        if hasattr(view, "refresh"):
+            view.refresh()
+        pgd = PGD(view, a.eps, a.step_size, a.steps, a.random_start, generator=objective.generator)
         with eval_mode(model):
-            folded = fold_bn(model)
-        pgd = PGD(attacked_view(folded, a.mode), a.eps, a.step_size, a.steps, a.random_start,
-                  generator=obj.generator)
-        return pgd(x, y)
+            return pgd(x, y)
 
-    obj.craft = craft
-
-
-def patch_cl_keep(trainer: Trainer) -> None:
-    """Proposed: the augmented batch stays channels_last (``random_crop_flip`` returns NCHW-contiguous)."""
-    augment = trainer._augment
-    trainer._augment = lambda x: augment(x).contiguous(memory_format=torch.channels_last)
+    objective.craft = craft
 
 
 class DucatLoop:
-    def __init__(self, name: str, parts: list[str], base: list[str], out: Path):
-        overrides: list[str] = []
-        self.patches: list[Callable[[Trainer], None]] = []
-        for p in parts:
-            if p in ("cl", "cl*"):
-                overrides.append("run.channels_last='on'")
-                if p == "cl*":
-                    self.patches.append(patch_cl_keep)
-            elif p == "bnfold*":
-                self.patches.append(patch_bnfold)
-            elif p == "bf16":
-                overrides.append("run.amp=bf16")
-            elif p == "compile":
-                overrides.append("run.compile=true")
-        slug = name.replace("*", "P").replace("+", "_").replace(" ", "_")
-        self.cfg = load_config(PRESET, base + overrides + [f"run.out={out / slug}"])
+    """``Trainer(config).train_epoch`` on the first ``n`` images with ``overrides``; optional folding."""
+
+    def __init__(self, base: list[str], overrides: list[str], fold: bool, out: Path):
+        from ducat.config import load_config
+        from ducat.train import Trainer
+
+        self.cfg = load_config(PRESET, base + overrides + [f"run.out={out}"])
         self.trainer = Trainer(self.cfg, log=lambda s: None)
-        for patch in self.patches:
-            patch(self.trainer)
-        self.model = self.trainer.model
-        self.images_per_epoch = len(self.trainer.train_data)
-        self.last: dict[str, Any] = {}
+        if fold:
+            fold_attacks(self.trainer.objective)
+        self.model, self.last = self.trainer.model, {}
 
     def epoch(self, epoch: int, max_steps: int | None = None) -> float:
-        tr = self.trainer
-        full = tr.train_data
-        if max_steps is not None:  # warm-up / profiling: the same shapes on the first max_steps batches
+        import torch
+
+        tr, full = self.trainer, self.trainer.train_data
+        if max_steps is not None:  # warm-up: the same shapes on the first max_steps batches
             tr.train_data = full.subset(torch.arange(min(len(full), max_steps * BATCH)))
         try:
             t = time.perf_counter()
@@ -331,322 +231,364 @@ class DucatLoop:
             tr.train_data = full
 
 
-def parse_variant(name: str) -> list[str] | None:
-    """Parts of a ``ducat+...`` variant; None for a reference variant; SystemExit if unknown."""
-    if name in REF_VARIANTS:
-        return None
-    head, *parts = name.split("+")
-    if head != "ducat" or any(p not in DUCAT_PARTS for p in parts):
-        raise SystemExit(f"unknown variant '{name}'; use one of {', '.join(REF_VARIANTS)} or ducat[+part...] "
-                         f"with parts {', '.join(DUCAT_PARTS)}")
-    return parts
+def has_run_key(key: str) -> bool:
+    import dataclasses
+
+    from ducat.config import RunConfig
+
+    return key in {f.name for f in dataclasses.fields(RunConfig)}
 
 
-def make_runner(name: str, n: int, base: list[str], out: Path, workers: int, tv_dataset, tensors):
-    parts = parse_variant(name)
-    if parts is None:
-        cfg = load_config(PRESET, base + [f"run.out={out / 'ref'}"])
-        spec = {"ref": ("pil", "all", "separate", workers), "ref-nw0": ("pil", "all", "separate", 0),
-                "ref+tensors": ("tensor", "all", "separate", 0),
-                "ref+tensors+igrad": ("tensor", "input", "separate", 0),
-                "ref+tensors+igrad+cat": ("tensor", "input", "concat", 0)}[name]
-        return RefLoop(cfg, n, spec[0], spec[1], spec[2], spec[3], tv_dataset, tensors)
-    return DucatLoop(name, parts, base, out)
+def defaults_spec(mode: str) -> dict[str, Any]:
+    """Overrides, folding and thread policy that make up ducat's defaults (see the module docstring)."""
+    from ducat.models import build_model
+    from ducat.runtime import channels_last_faster, native_bf16
+
+    if mode == "library":
+        return {"overrides": [], "fold": False, "threads": "library", "amp": "library", "cl": "library"}
+    bf16 = native_bf16("cpu")
+    cl = channels_last_faster(build_model("small_cnn", 10, 1), "cpu")
+    return {"overrides": [f"run.amp={'bf16' if bf16 else chr(39) + 'off' + chr(39)}",
+                          f"run.channels_last='{'on' if cl else 'off'}'"],
+            "fold": True, "threads": "auto", "amp": "bf16" if bf16 else "fp32", "cl": "on" if cl else "off"}
 
 
-# ---- profiling ---------------------------------------------------------------------------------------
-CATEGORIES = [
-    ("conv forward", ("aten::mkldnn_convolution", "aten::convolution", "aten::_convolution", "aten::conv2d")),
-    ("conv backward", ("aten::convolution_backward", "aten::mkldnn_convolution_backward")),
-    ("linear (addmm/mm)", ("aten::addmm", "aten::mm", "aten::linear", "aten::t", "aten::matmul")),
-    ("batchnorm fwd+bwd", ("aten::native_batch_norm", "aten::native_batch_norm_backward", "aten::batch_norm",
-                           "aten::_batch_norm_impl_index", "aten::_native_batch_norm_legit",
-                           "aten::_native_batch_norm_legit_no_training", "aten::_batch_norm_with_update",
-                           "aten::batch_norm_backward")),
-    ("relu fwd+bwd", ("aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_", "aten::threshold_backward")),
-    ("max-pool fwd+bwd", ("aten::max_pool2d_with_indices", "aten::max_pool2d_with_indices_backward",
-                          "aten::max_pool2d")),
-    ("adaptive avg-pool fwd+bwd", ("aten::_adaptive_avg_pool2d", "aten::_adaptive_avg_pool2d_backward",
-                                   "aten::adaptive_avg_pool2d")),
-    ("dtype casts (copy_/to)", ("aten::copy_", "aten::to", "aten::_to_copy")),
-]
+def ablation(spec: dict[str, Any], name: str) -> tuple[list[str], bool]:
+    """Overrides and fold flag of the defaults without one mean."""
+    overrides = [o for o in spec["overrides"] if not o.startswith({"-bf16": "run.amp", "-cl": "run.channels_last"}
+                                                                    .get(name, "-"))]
+    overrides += {"-bf16": ["run.amp='off'"], "-cl": ["run.channels_last='off'"]}.get(name, [])
+    if name == "-fold" and has_run_key("fold_bn"):
+        overrides.append("run.fold_bn=false")
+    return overrides, spec["fold"] and name != "-fold"
 
 
-def conv_flops(model: nn.Module) -> int:
-    """Forward FLOPs of the conv layers alone on one 1x28x28 image."""
-    total = 0
+def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 3) -> float:
+    """Median GFLOP/s of ``torch.mm`` on n x n matrices (2 n^3 FLOPs per product) at the current threads."""
+    import torch
 
-    def hook(m, inp, out):
-        nonlocal total
-        total += 2 * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1] * out[0].numel()
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    was = model.training
-    with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, 28, 28))
-    model.train(was)
-    for h in hs:
-        h.remove()
-    return total
-
-
-def profile_epoch(runner, label: str, f_total: int, f_conv: int, steps: int, rows: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
-    n_steps = 2
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    torch.mm(a, b)
+    times = []
+    for _ in range(reps):
         t = time.perf_counter()
-        runner.epoch(99, max_steps=n_steps)
-        wall = time.perf_counter() - t
-    events = prof.key_averages()
-    print(f"\n## profile: {label}, {n_steps} steps of batch {BATCH} ({wall:.2f} s wall under the profiler)\n")
-    print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
-    total = sum(e.self_cpu_time_total for e in events) / 1e6
-    per_cat = {c: 0.0 for c, _ in CATEGORIES}
-    other = 0.0
-    for e in events:
-        for cat, names in CATEGORIES:
-            if e.key in names:
-                per_cat[cat] += e.self_cpu_time_total / 1e6
-                break
-        else:
-            other += e.self_cpu_time_total / 1e6
-    images = n_steps * BATCH
-    # FLOPs of the profiled steps (the (2K + 6) F model split into convs and linears)
-    conv_f = images * (2 * steps + 6) * f_conv
-    lin_f = images * (2 * steps + 6) * (f_total - f_conv)
-    conv_t = per_cat["conv forward"] + per_cat["conv backward"]
-    print("self-CPU time by category:")
-    for cat, secs in list(per_cat.items()) + [("everything else", other)]:
-        note = ""
-        if cat == "conv backward" and conv_t > 0:
-            note = f"convs fwd+bwd: {conv_f / conv_t / 1e9:.1f} GFLOP/s ({conv_f / 1e9:.1f} GFLOP in {conv_t:.2f} s)"
-        if cat.startswith("linear") and secs > 0:
-            note = f"{lin_f / secs / 1e9:.1f} GFLOP/s"
-        if cat == "everything else":
-            note = "(elementwise attack/loss math, optimizer, autograd and Python overhead)"
-        print(f"  {cat:28s} {secs:7.3f} s {100 * secs / total:5.1f}%  {note}")
-    print(f"  {'total self CPU':28s} {total:7.3f} s")
+        torch.mm(a, b)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
-# ---- accuracy check ----------------------------------------------------------------------------------
-def evaluate(model: nn.Module, cfg, test: TensorData) -> dict[str, float]:
-    fresh = build_run_model(cfg)  # fp32, NCHW, eager copy of the weights
-    fresh.load_state_dict({k: v.contiguous() for k, v in model.state_dict().items()})
-    return validate_model(fresh, test, cfg)
+def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loops of one worker process and facts for the report."""
+    import torch
+
+    from ducat.config import load_config
+    from ducat.models import count_flops
+
+    base = [f"data.n_train={args.n}", "data.val_fraction=0", "validation.select=last", "data.n_test=128",
+            "ducat.start_epoch=1", "run.progress=false", "run.tensorboard=false", "run.device=cpu"]
+    runners: dict[str, Any] = {}
+    info: dict[str, Any] = {"torch_default_threads": torch.get_num_threads()}
+    if kind in ("ref", "ref-passive"):
+        runners[kind] = RefLoop(load_config(PRESET, base + [f"run.out={tmp / kind}"]), args.n, tmp, args.workers)
+        info.update(flops=count_flops(runners[kind].model, (1, 28, 28)), steps=runners[kind].cfg.attack.steps)
+    elif kind == "old":
+        old = ["run.amp='off'", "run.channels_last='off'", f"run.threads={torch.get_num_threads()}"]
+        old += ["run.fold_bn=false"] if has_run_key("fold_bn") else []
+        runners["ducat-0.1"] = DucatLoop(base, old, False, tmp / "old")
+    else:
+        spec = defaults_spec(args.defaults)
+        if spec["threads"] == "auto":
+            from ducat.runtime import configure_threads
+
+            configure_threads(None)
+        runners["defaults"] = DucatLoop(base, spec["overrides"], spec["fold"], tmp / "defaults")
+        for name in ([] if args.quick or args.defaults == "library" else ABLATIONS):
+            overrides, fold = ablation(spec, name)
+            runners[name] = DucatLoop(base, overrides, fold, tmp / name)
+        info.update(spec=spec)
+    return runners, info
 
 
-def accuracy_check(args, base: list[str], out: Path, bf16_ok: bool) -> None:
-    """Train fp32 and bf16+cl+bnfold* (seeds 0 and 1) for --acc-epochs epochs; evaluate all in fp32."""
-    runs = [("fp32", []), ("bf16+cl+bnfold*", ["bf16", "cl", "bnfold*"])] if bf16_ok else [("fp32", [])]
-    print(f"\n## accuracy check: {args.acc_n} training images x {args.acc_epochs} epochs of PGD-10 + DUCAT from "
-          f"scratch (lr 0.1), evaluated in fp32 on the first {args.eval_n} test images (clean and PGD-10 "
-          f"accuracy of the projected classifier, validate_model)\n")
-    for seed in (0, 1):
-        for label, parts in runs:
-            b = [s for s in base if not s.startswith("data.n_train")] + [f"data.n_train={args.acc_n}",
-                                                                          f"run.seed={seed}"]
-            loop = DucatLoop(f"{label} seed {seed}", parts, b, out)
-            t = time.perf_counter()
-            for e in range(1, args.acc_epochs + 1):
-                loop.epoch(e)
-            secs = time.perf_counter() - t
-            acc = evaluate(loop.model, loop.cfg, loop.trainer.test_data)
-            print(f"  {label:16s} seed {seed}: {secs:6.1f} s ({args.acc_n * args.acc_epochs / secs:5.1f} img/s)  "
-                  f"last-epoch loss {loop.last['train_loss']:.4f}  clean {acc['clean_acc']:.3f}  "
-                  f"PGD-10 {acc['pgd_acc']:.3f}", flush=True)
-    print(f"\n  binomial s.e. of one accuracy on {args.eval_n} images: about "
-          f"{100 * (0.25 / args.eval_n) ** 0.5:.1f} points")
+def worker(kind: str, args) -> None:
+    """Serve the driver: one JSON line per command read from stdin."""
+    import torch
 
-
-# ---- report ------------------------------------------------------------------------------------------
-def med(v: list[float]) -> float:
-    return statistics.median(v)
-
-
-def report(names, ips, mm32, mm16, f, steps, losses, warm, n, rounds, threads) -> None:
-    useful, ref_exec = (2 * steps + 6) * f, (3 * steps + 6) * f
-    mm = med(mm32)
-    print(f"\n## FLOPs per training image; F = count_flops(model, (1, 28, 28)) = {f / 1e6:.2f} MFLOP (one forward)\n")
-    print("  ducat step = K x (F forward + F input-grad backward)    PGD step, weight grads skipped")
-    print("             + 2F   forward of [x; x']                    clean and adversarial images")
-    print("             + 4F   backward of [x; x'] (data + weight grads, 2F each)")
-    print(f"             = (2K + 6) F = {2 * steps + 6} F = {useful / 1e6:.1f} MFLOP   (K = {steps})")
-    print(f"  the reference executes (3K + 6) F = {3 * steps + 6} F = {ref_exec / 1e6:.1f} MFLOP: its PGD backward "
-          "also computes weight grads")
-    print("  assumptions: a layer's data grad and its weight grad each cost its forward FLOPs; conv and linear only "
-          "(BN, ReLU,\n  pooling, elementwise ops not counted); the first conv's unneeded data grad in the training "
-          "backward is not\n  subtracted (2.3% of F). Achieved GFLOP/s = (2K + 6) F x images/s for every variant, "
-          "the reference's\n  wasted weight grads not credited.")
-    print(f"\n## matmul on this machine (torch.mm 2048 x 2048, {threads} thread{'s' * (threads > 1)}), once per round "
-          f"and at the end")
-    print(f"  fp32: median {mm:.1f} GFLOP/s (min {min(mm32):.1f}, max {max(mm32):.1f})")
-    if mm16:
-        print(f"  bf16: median {med(mm16):.1f} GFLOP/s (min {min(mm16):.1f}, max {max(mm16):.1f})")
-    print(f"\n## results: {n} images per epoch ({n // BATCH} steps), {rounds} rounds; img/s median (min-max); x ref = "
-          f"variant / ref within each round, median (min-max)\n")
-    head = (f"| {'variant':24s} | {'img/s':>21s} | {'x ref':>17s} | {'GFLOP/s':>7s} | {'% fp32 mm':>9s} "
-            f"| {'% bf16 mm':>9s} | {'loss':>5s} |")
-    print(head)
-    print("|" + "|".join("-" * len(c) for c in head.split("|")[1:-1]) + "|")
-    ref = ips["ref"]
-    for name in names:
-        v = ips[name]
-        ratios = [a / b for a, b in zip(v, ref)]
-        gf = useful * med(v) / 1e9
-        bf = f"{100 * gf / med(mm16):8.0f}%" if mm16 and "bf16" in name else f"{'':9s}"
-        print(f"| {name:24s} | {med(v):6.1f} ({min(v):6.1f}-{max(v):6.1f}) | {med(ratios):5.2f} "
-              f"({min(ratios):4.2f}-{max(ratios):4.2f}) | {gf:7.1f} | {100 * gf / mm:8.0f}% | {bf} "
-              f"| {losses[name]:5.3f} |")
-    spread = {k: (max(v) - min(v)) / med(v) for k, v in ips.items()}
-    rspread = {k: (max(r) - min(r)) / med(r) for k in names if k != "ref"
-               for r in [[a / b for a, b in zip(ips[k], ref)]]}
-    worst = max(spread, key=spread.get)
-    print(f"\nnoise: img/s spread (max-min)/median over the rounds: median {med(spread.values()):.0%} over variants, "
-          f"worst {spread[worst]:.0%} ({worst});\n       spread of the per-round ratios to ref: median "
-          f"{med(rspread.values()) if rspread else 0:.0%}; fp32 matmul spread {(max(mm32) - min(mm32)) / mm:.0%}")
-    print(f"loss: mean training loss of each variant's last timed epoch; every model starts from the same weights and "
-          f"has taken\n      {WARM_STEPS} + {rounds} x {n // BATCH} steps: a check that no variant changes what is "
-          f"trained (accuracy: --accuracy-check)")
-    slow = {k: v for k, v in warm.items() if v > 20}
-    if slow:
-        print("warm-up time incl. compilation (not timed): " + ", ".join(f"{k} {v:.0f} s" for k, v in slow.items()))
-    if "ducat" in ips:
-        d = med([a / b for a, b in zip(ips["ducat"], ref)])
-        print(f"\nheadline: ducat with its CPU defaults: {d:.2f}x the reference loop, "
-              f"{useful * med(ips['ducat']) / 1e9:.1f} GFLOP/s = {100 * useful * med(ips['ducat']) / 1e9 / mm:.0f}% "
-              f"of fp32 matmul (targets: >= 2x, >= 80%)")
-    for dtype in ("fp32", "bf16"):
-        pool = [k for k in names if k.startswith("ducat") and ("bf16" in k) == (dtype == "bf16")]
-        if not pool:
-            continue
-        best = max(pool, key=lambda k: med(ips[k]))
-        g = useful * med(ips[best]) / 1e9
-        extra = f", {100 * g / med(mm16):.0f}% of bf16 matmul" if dtype == "bf16" and mm16 else ""
-        print(f"          fastest {dtype} ducat variant {best}: {med([a / b for a, b in zip(ips[best], ref)]):.2f}x, "
-              f"{g:.1f} GFLOP/s = {100 * g / mm:.0f}% of fp32 matmul{extra}")
-
-
-# ---- main --------------------------------------------------------------------------------------------
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="~1 minute: fewer rounds and variants, no compile")
-    p.add_argument("--n", type=int, default=256, help="training images per timed epoch, a multiple of 128")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, --quick 5)")
-    p.add_argument("--variants", default=None, help=f"comma-separated (default: {','.join(FULL_VARIANTS)})")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers of the reference loop")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--profile", action="store_true", help="torch.profiler tables of ducat and its fastest variants")
-    p.add_argument("--profile-rows", type=int, default=16)
-    p.add_argument("--accuracy-check", action="store_true", help="only run the fp32-vs-bf16 accuracy check")
-    p.add_argument("--acc-n", type=int, default=8192, help="training images of the accuracy check")
-    p.add_argument("--acc-epochs", type=int, default=3)
-    p.add_argument("--eval-n", type=int, default=1000, help="test images of the accuracy check")
-    p.add_argument("--json", default=None, help="also write the measurements to this JSON file")
-    args = p.parse_args()
-    n, rounds = args.n, args.rounds or (5 if args.quick else 10)
-    if n % BATCH or n < BATCH:
-        raise SystemExit(f"--n must be a positive multiple of {BATCH}")
-    default_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    threads = torch.get_num_threads()
-    variants = args.variants.split(",") if args.variants else list(QUICK_VARIANTS if args.quick else FULL_VARIANTS)
-    for v in variants:
-        parse_variant(v)
-    if "ref" not in variants:
-        variants.insert(0, "ref")
-    cpu, flags = cpu_info()
-    bf16_ok, bf16_detail = bf16_cpu_support(flags)
-
-    t_start = time.perf_counter()
-    print("# ducat training throughput: PGD-10 + DUCAT, small_cnn (2C head), Fashion-MNIST 28x28, batch 128\n")
-    print(f"machine: {cpu}, {os.cpu_count()} logical CPUs; torch {torch.__version__}, torchvision "
-          f"{__import__('torchvision').__version__}, ducat {getattr(ducat, '__version__', '?')}, "
-          f"python {platform.python_version()}")
-    print(f"torch intra-op threads: {threads} (torch default here: {default_threads}); {bf16_detail}")
-    print(f"load average at start (1/5/15 min): {loadavg()} on {os.cpu_count()} CPUs")
-    tmp = Path(tempfile.mkdtemp(prefix="ducat-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix=f"ducat-bench-{kind}-"))
     try:
-        base = [f"data.n_train={n}", "data.val_fraction=0", "validation.select=last", f"data.n_test={args.eval_n}",
-                f"validation.n_examples={args.eval_n}", "ducat.start_epoch=1", "run.progress=false",
-                "run.tensorboard=false", "run.device=cpu"]
-        if args.accuracy_check:
-            accuracy_check(args, base, tmp, bf16_ok)
-            return
-        skipped = [v for v in variants if "bf16" in v and not bf16_ok]
-        if skipped:
-            print(f"skipped (no AVX512-BF16/AMX: bf16 would be emulated and slow): {', '.join(skipped)}")
-            variants = [v for v in variants if v not in skipped]
-        if args.quick:
-            variants = [v for v in variants if "compile" not in v]
-        from torchvision import transforms
-
-        tv = torchvision_fmnist(tmp / "tv", transforms.Compose(
-            [transforms.RandomCrop(28, padding=2), transforms.RandomHorizontalFlip(), transforms.ToTensor()]))
-        tensors = load_split("FashionMNIST", None, train=True).subset(torch.arange(n))
-        if not torch.equal(tv.data[:n], tensors.images[:, 0]):
-            raise SystemExit("torchvision and ducat read different Fashion-MNIST images")
-        print(f"images per timed epoch: {n} ({n // BATCH} steps); rounds: {rounds}; warm-up {WARM_STEPS} steps per "
-              f"variant; reference DataLoader num_workers={args.workers}")
-
-        runners: dict[str, Any] = {}
-        warm: dict[str, float] = {}
-        for name in variants:
-            r = make_runner(name, n, base, tmp, args.workers, tv, tensors)
+        runners, info = build_runners(kind, args, tmp)
+        warm = {}
+        for name, r in runners.items():
             t = time.perf_counter()
             r.epoch(1, max_steps=WARM_STEPS)
             warm[name] = time.perf_counter() - t
-            runners[name] = r
-        names = list(runners)
-        ref_model = runners["ref"].model
-        f_total, steps = count_flops(ref_model, (1, 28, 28)), runners["ref"].cfg.attack.steps
-        if default_threads > 1:
-            print("thread check: " + thread_check(ref_model, default_threads))
-        print("warm-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in warm.items()), flush=True)
-
-        ips: dict[str, list[float]] = {k: [] for k in names}
-        mm32, mm16 = [], []
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            if r % 2:
-                order = order[::-1]
-            mm32.append(matmul_gflops(2048, torch.float32))
-            if bf16_ok:
-                mm16.append(matmul_gflops(2048, torch.bfloat16))
-            for name in order:
-                secs = runners[name].epoch(2 + r)
-                ips[name].append(runners[name].images_per_epoch / secs)
-            print(f"  round {r + 1:2d}/{rounds}: fp32 mm {mm32[-1]:5.1f} GFLOP/s; img/s "
-                  + ", ".join(f"{k} {ips[k][-1]:.0f}" for k in names), flush=True)
-        mm32.append(matmul_gflops(2048, torch.float32))
-        if bf16_ok:
-            mm16.append(matmul_gflops(2048, torch.bfloat16))
-        losses = {k: runners[k].last.get("train_loss", float("nan")) for k in names}
-        report(names, ips, mm32, mm16, f_total, steps, losses, warm, n, rounds, threads)
-
-        if args.profile:
-            f_conv = conv_flops(ref_model)
-            prof = runners.get("ducat") or make_runner("ducat", n, base, tmp, args.workers, tv, tensors)
-            profile_epoch(prof, "ducat (CPU defaults: fp32, NCHW, eager)", f_total, f_conv, steps, args.profile_rows)
-            done = {"ducat"}
-            for dtype in ("fp32", "bf16"):
-                pool = [k for k in names if k.startswith("ducat") and "compile" not in k
-                        and ("bf16" in k) == (dtype == "bf16")]
-                fastest = max(pool, key=lambda k: med(ips[k]), default="ducat")
-                if fastest not in done:
-                    done.add(fastest)
-                    profile_epoch(runners[fastest], f"{fastest} (fastest {dtype} variant)", f_total, f_conv, steps,
-                                  args.profile_rows)
-        if args.json:
-            Path(args.json).write_text(json.dumps({
-                "n": n, "rounds": rounds, "threads": threads, "F": f_total, "K": steps, "images_per_s": ips,
-                "matmul_fp32_gflops": mm32, "matmul_bf16_gflops": mm16, "train_loss": losses, "warmup_s": warm,
-            }, indent=2))
+        print(json.dumps(info | {"runners": list(runners), "warm": warm, "pid": os.getpid()}), flush=True)
+        for line in sys.stdin:
+            cmd, *rest = line.split()
+            if cmd == "epoch":
+                r = runners[rest[0]]
+                secs = r.epoch(int(rest[1]))
+                reply = {"secs": secs, "loss": r.last.get("train_loss"), "threads": torch.get_num_threads()}
+            else:  # matmul
+                reply = {d: matmul_gflops(d) for d in rest} | {"threads": torch.get_num_threads()}
+            print(json.dumps(reply), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"\nload average at end: {loadavg()}; total benchmark time {time.perf_counter() - t_start:.0f} s")
+
+
+# ---- --means: one PGD step per precision, layout and folding, per model ------------------------------
+MEANS_MODELS = {"small_cnn": (1, 28, 128), "resnet18": (3, 32, 32), "mlp": (1, 28, 128)}  # channels, size, batch
+
+
+def pgd_step_ms(view, x, y, reps: int) -> list[float]:
+    """Per-call ms of one PGD step: forward and input-gradient backward, as ``ducat.attacks.PGD`` does."""
+    import torch
+    import torch.nn.functional as F
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        xx = x.clone().requires_grad_(True)
+        torch.autograd.grad(F.cross_entropy(view(xx).float(), y), xx)
+        times.append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def means_table(reps: int) -> None:
+    """Median ms per PGD step (eval mode) for fp32/bf16 x NCHW/channels_last x fold off/on, interleaved."""
+    import contextlib
+
+    import torch
+
+    from ducat.attacks.fold import folded
+    from ducat.dummy import widen_model
+    from ducat.models import build_model
+
+    print(f"## one PGD step (forward + input-gradient backward, eval mode), median ms over {reps} interleaved "
+          f"repetitions; {torch.get_num_threads()} threads; uptime {uptime()}\n")
+    print("| model     | batch | precision | layout | unfolded ms | folded ms | fold speed-up | cl speed-up |")
+    print("|-----------|-------|-----------|--------|-------------|-----------|---------------|-------------|")
+    for name, (channels, size, batch) in MEANS_MODELS.items():
+        torch.manual_seed(0)
+        x, y = torch.rand(batch, channels, size, size), torch.randint(0, 10, (batch,))
+        cells = {}
+        for layout in ("nchw", "cl"):
+            model = widen_model(build_model(name, 10, channels)).eval()
+            xl = x
+            if layout == "cl":
+                model, xl = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+            for precision in ("fp32", "bf16"):
+                ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+                       else contextlib.nullcontext())
+                cells[layout, precision] = (model, folded(model), xl, ctx)
+        times: dict[tuple[str, str, bool], list[float]] = {}
+        for r in range(reps):
+            for key, (model, fv, xl, ctx) in (list(cells.items()) if r % 2 == 0 else list(cells.items())[::-1]):
+                for fold, view in ((False, model), (True, fv)) if r % 2 == 0 else ((True, fv), (False, model)):
+                    with ctx:
+                        pgd_step_ms(view, xl, y, 1)  # warm
+                        times.setdefault((*key, fold), []).extend(pgd_step_ms(view, xl, y, 1))
+        for precision in ("fp32", "bf16"):
+            for layout in ("nchw", "cl"):
+                off, on = med(times[layout, precision, False]), med(times[layout, precision, True])
+                nchw = med(times["nchw", precision, True])
+                speedup = f"{off / on:12.2f}x" if cells[layout, precision][1] is not cells[layout, precision][0] \
+                    else f"{'n/a (no BN)':>13s}"
+                print(f"| {name:9s} | {batch:5d} | {precision:9s} | {layout:6s} | {off:11.1f} | {on:9.1f} | "
+                      f"{speedup} | {nchw / on if layout == 'cl' else 1:10.2f}x |", flush=True)
+
+
+# =========================================== driver side ===========================================
+class Worker:
+    def __init__(self, kind: str, args, env: dict[str, str]):
+        cmd = [sys.executable, __file__, "--worker", kind, "--n", str(args.n), "--workers", str(args.workers),
+               "--defaults", args.defaults] + (["--quick"] if args.quick else [])
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"benchmark worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict[str, Any]:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run_rounds(workers: dict[str, Worker], rounds: int, n: int, precision: str) -> dict[str, Any]:
+    """Interleaved rounds; returns images/s per loop and round, matmul rates and thread counts."""
+    owner = {name: w for w in workers.values() for name in w.info["runners"]}
+    names = list(owner)
+    ips: dict[str, list[float]] = {k: [] for k in names}
+    threads: dict[str, list[int]] = {k: [] for k in names}
+    loss: dict[str, float] = {}
+    mm: list[dict[str, float]] = []
+    background: list[float | None] = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        before = load_sample()
+        mm.append(workers["new"].ask("matmul " + " ".join(sorted({"fp32", precision}))))
+        for name in (order if r % 2 == 0 else order[::-1]):
+            out = owner[name].ask(f"epoch {name} {2 + r}")
+            ips[name].append(n / out["secs"])
+            threads[name].append(out["threads"])
+            loss[name] = out["loss"]
+        background.append(background_cores(before, load_sample()))
+        print(f"  round {r + 1}/{rounds}: background {fmt_cores(background[-1])} cores; mm fp32 {mm[-1]['fp32']:.0f} "
+              f"GFLOP/s ({mm[-1]['threads']} thr); img/s " + ", ".join(f"{k} {ips[k][-1]:.0f}" for k in names),
+              flush=True)
+    return {"names": names, "ips": ips, "threads": threads, "loss": loss, "mm": mm, "background": background}
+
+
+def contention(worker: Worker, name: str, min_epochs: int, min_secs: float, cycles: int) -> dict[str, Any]:
+    """Epoch times of ``name`` idle, then ``cycles`` x (with the competitor running, idle again)."""
+    epoch = 100
+
+    def run_phase() -> dict[str, Any]:
+        nonlocal epoch
+        times, threads, t0 = [], [], time.perf_counter()
+        while len(times) < min_epochs or time.perf_counter() - t0 < min_secs:
+            out = worker.ask(f"epoch {name} {epoch}")
+            epoch += 1
+            times.append(out["secs"])
+            threads.append(out["threads"])
+        return {"times": times, "threads": threads}
+
+    phases = alternate(run_phase, cycles, None)
+    return {"phases": phases, "slowdown": med(slowdowns(phases))}
+
+
+def med(v) -> float:
+    return statistics.median(list(v))
+
+
+def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The throughput table; returns ratio and % of matmul per loop."""
+    names, mm = res["names"], res["mm"]
+    quiet = [i for i, b in enumerate(res["background"]) if b is not None and b < QUIET_CORES]
+    use = quiet if len(quiet) >= 2 else list(range(len(mm)))
+    ips = {name: [v[i] for i in use] for name, v in res["ips"].items()}
+    mm = [mm[i] for i in use]
+    print(f"\n## rounds used below: {len(use)} of {len(res['mm'])} "
+          + (f"(those with background load < {QUIET_CORES} cores)" if use == quiet else
+             f"(all: fewer than 2 rounds had background load < {QUIET_CORES} cores)")
+          + "; background cores per round: " + ", ".join(fmt_cores(b) for b in res["background"]))
+    useful = (2 * k + 6) * f
+    print(f"\n## FLOPs: F = {f / 1e6:.2f} MFLOP per forward (conv + linear); a ducat step does (2K + 6) F = "
+          f"{2 * k + 6} F = {useful / 1e6:.1f} MFLOP per image (K = {k}); the reference executes (3K + 6) F")
+    print(f"## matmul (torch.mm 2048 x 2048, defaults' process): fp32 median {med(m['fp32'] for m in mm):.1f} GFLOP/s"
+          + (f", bf16 median {med(m['bf16'] for m in mm):.1f}" if "bf16" in mm[0] else "")
+          + f" at {sorted({m['threads'] for m in mm})} threads\n")
+    print("| loop        | trains in | img/s median (min-max) | x ref median (min-max) | x ref-passive | GFLOP/s "
+          "| % of its matmul | threads | loss  |")
+    print("|-------------|-----------|------------------------|------------------------|---------------|---------"
+          "|-----------------|---------|-------|")
+    out = {}
+    for name in names:
+        v = ips[name]
+        ratios = [a / b for a, b in zip(v, ips["ref"])]
+        ratios_passive = [a / b for a, b in zip(v, ips["ref-passive"])]
+        p = precision[name]
+        pct = [100 * useful * a / 1e9 / m[p] for a, m in zip(v, mm)]
+        out[name] = {"ratio": med(ratios), "pct": med(pct), "precision": p}
+        print(f"| {name:11s} | {p:9s} | {med(v):6.1f} ({min(v):6.1f}-{max(v):6.1f}) | {med(ratios):5.2f} "
+              f"({min(ratios):5.2f}-{max(ratios):5.2f})    | {med(ratios_passive):12.2f}x "
+              f"| {useful * med(v) / 1e9:7.1f} | {med(pct):14.0f}% "
+              f"| {','.join(map(str, sorted(set(res['threads'][name])))):>7s} | {res['loss'][name]:5.3f} |")
+    spread = {k: (max(v) - min(v)) / med(v) for k, v in ips.items()}
+    print(f"\nnoise: img/s spread (max-min)/median over rounds: median {med(spread.values()):.0%}, "
+          f"worst {max(spread.values()):.0%}; % of matmul is taken per round against that round's matmul")
+    return out
+
+
+def print_contention(name: str, c: dict[str, Any]) -> None:
+    for ph in c["phases"]:
+        print(f"  {name:10s} {ph['kind']:9s}: {len(ph['times'])} epochs, mean {statistics.mean(ph['times']):.2f} s, "
+              f"threads {sorted(set(ph['threads']))}, background {fmt_cores(ph['background'])} cores")
+    print(f"  {name:10s} slowdown per contended phase (vs the idle phases on either side): "
+          + ", ".join(f"{v:.2f}x" for v in slowdowns(c["phases"])) + f"; median {c['slowdown']:.1f}x", flush=True)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=256, help="training images per timed epoch, a multiple of 128")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8, --quick 3)")
+    p.add_argument("--quick", action="store_true", help="3 rounds, no ablations")
+    p.add_argument("--defaults", choices=("emulate", "library"), default="emulate",
+                   help="emulate the shipped defaults (until wired in) or use the library with no flags")
+    p.add_argument("--cycles", type=int, default=2, help="contended phases of the defaults, each between idle ones")
+    p.add_argument("--contend-all", action="store_true", help="also measure ref and ducat-0.1 under contention")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers of the reference loop")
+    p.add_argument("--json", help="also write the measurements to this JSON file")
+    p.add_argument("--means", type=int, metavar="REPS", help="only the per-PGD-step table of fold/layout/precision")
+    p.add_argument("--worker", choices=KINDS, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.n % BATCH or args.n < BATCH:
+        raise SystemExit(f"--n must be a positive multiple of {BATCH}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        return worker(args.worker, args)
+    if args.means:
+        sys.path.insert(0, str(SRC))
+        return means_table(args.means)
+    t_start = time.perf_counter()
+    print("# ducat training throughput: PGD-10 + DUCAT, small_cnn (2C head), Fashion-MNIST 28x28, batch 128\n")
+    print(f"uptime at start: {uptime()}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, python "
+          f"{platform.python_version()}; defaults: {args.defaults}")
+    sys.path.insert(0, str(SRC))
+    from ducat.runtime import prepare_environment
+
+    env = clean_env({})  # torch's defaults: no thread or wait-policy variables
+    # what ``ducat.cli`` does before torch is imported, applied to the defaults' process environment
+    # (importing the ``ducat`` package imports torch, until its ``__init__`` is made lazy)
+    new_env = dict(env)
+    prepare_environment(new_env)
+    workers = {kind: Worker(kind, args, new_env if kind in ("new", "ref-passive") else env) for kind in KINDS}
+    try:
+        spec = workers["new"].info["spec"]
+        print(f"defaults as measured: amp {spec['amp']}, channels_last {spec['cl']}, BN folding "
+              f"{'on' if spec['fold'] else 'as the library does'}, threads "
+              f"{spec['threads']}; torch default threads "
+              f"{workers['ref'].info['torch_default_threads']}")
+        print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
+        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"] if spec["amp"] != "library" else
+                     "fp32", "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
+        rounds = args.rounds or (3 if args.quick else 8)
+        res = run_rounds(workers, rounds, args.n, precision["defaults"])
+        table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
+        print(f"\n## contention: one competitor ({os.cpu_count()} threads of relu(a @ a)); idle, then "
+              f"{args.cycles} x (contended, idle)")
+        cont = {"defaults": contention(workers["new"], "defaults", 3, 6.0, args.cycles)}
+        print_contention("defaults", cont["defaults"])
+        if args.contend_all:
+            for kind, name in (("old", "ducat-0.1"), ("ref", "ref")):
+                cont[name] = contention(workers[kind], name, 2, 4.0, 1)
+                print_contention(name, cont[name])
+        if args.json:
+            Path(args.json).write_text(json.dumps({"rounds": res, "contention": cont, "table": table}, indent=1))
+    finally:
+        for w in workers.values():
+            w.close()
+    d = table["defaults"]
+    print(f"\nuptime at end: {uptime()}; total benchmark time {time.perf_counter() - t_start:.0f} s")
+    print(f"defaults: ratio {d['ratio']:.2f}x, {d['pct']:.0f}% of {d['precision']} matmul, "
+          f"contention slowdown {cont['defaults']['slowdown']:.1f}x")
 
 
 if __name__ == "__main__":

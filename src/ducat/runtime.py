@@ -1,0 +1,143 @@
+"""Process-wide runtime setup, done once before any compute: OpenMP wait policy, threads, seeds, precision.
+
+Why this exists: with libgomp's default wait policy a thread that reaches a barrier spins (about
+300,000 iterations) before it sleeps. When another CPU-bound process shares the cores, the spinning
+thread holds a core that the thread it waits for needs, and every small operator waits for a scheduler
+time slice: under one competing torch process ducat's training step ran 6.4-6.9x slower than idle
+(median), with ``OMP_WAIT_POLICY=PASSIVE`` 1.9-2.2x (``benchmarks/contention.py``, results in
+``docs/performance.md``). OpenMP reads its environment once, when torch is first imported, so
+:func:`prepare_environment` must run before that. With passive waiting, fewer threads than cores did not
+help on Fashion-MNIST (a process's share of a contended CPU grows with its runnable threads: 1 thread
+2.9x, 2 threads 2.2x), so the thread count is chosen once, from the CPUs this process may use, and not
+adapted to other processes' load.
+
+This module does not import torch at import time, so that :func:`prepare_environment` can run first.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
+from typing import Any
+
+WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def prepare_environment(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set the OpenMP wait policy to passive unless the user set one. Call before torch is imported.
+
+    Returns whether the setting can still take effect, i.e. torch was not imported yet (the OpenMP
+    runtime reads its environment once, when torch loads it). Child processes inherit the setting."""
+    for key, value in WAIT_POLICY.items():
+        environ.setdefault(key, value)
+    return "torch" not in sys.modules
+
+
+# ---- threads ----------------------------------------------------------------------------------------
+def usable_cores() -> int:
+    """How many CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """The CPU quota of this container in cores (cgroup v2 ``cpu.max``), None when unlimited or unknown."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
+
+
+def auto_threads(torch_default: int) -> int:
+    """torch's default count (physical cores, or ``OMP_NUM_THREADS``) capped by the CPUs this process may
+    use and by the container's CPU quota: torch sees every CPU of the machine, not the quota."""
+    limit = cgroup_cpu_limit()
+    cap = min(usable_cores(), math.ceil(limit)) if limit else usable_cores()
+    return max(1, min(torch_default, cap))
+
+
+def configure_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads to ``requested``, or (None) to :func:`auto_threads`; returns the count.
+
+    Call once at start-up, before any compute: "auto" starts from ``torch.get_num_threads()``, which is
+    torch's default only until something sets it."""
+    import torch
+
+    if requested is not None and requested < 1:
+        raise ValueError(f"threads must be >= 1, got {requested}")
+    threads = requested or auto_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---- determinism, seeds ------------------------------------------------------------------------------
+def configure_determinism(deterministic: bool) -> None:
+    """Deterministic algorithms (bit-exact resume on CPU) on or off, process-wide."""
+    import torch
+
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global generators (CPU and every CUDA device), Python's and NumPy's."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ---- precision and memory format ----------------------------------------------------------------------
+def native_bf16(device: Any) -> bool:
+    """True where bf16 matmuls and convolutions run in hardware: CUDA with bf16 support, or a CPU
+    with AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels. Elsewhere bf16 is emulated and
+    slower than fp32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    flags = cpu_capabilities()
+    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+        return False
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else torch.backends.mkldnn.is_available()
+
+
+def cpu_capabilities() -> Mapping[str, Any]:
+    """CPU feature flags from torch's cpuinfo (``torch.cpu.get_capabilities``), else ``/proc/cpuinfo``."""
+    import torch
+
+    get = getattr(torch.cpu, "get_capabilities", None)
+    if get is not None:
+        return get()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return {flag: True for flag in line.split(":", 1)[1].split()}
+    except OSError:
+        pass
+    return {}
+
+
+def channels_last_faster(model: Any, device: Any) -> bool:
+    """Whether to train ``model`` channels_last on ``device``: models with 2-d convolutions, on CPU
+    (oneDNN) and CUDA. Measured per PGD step on CPU (``docs/performance.md``): 1.6x (fp32) and 2.0x
+    (bf16) for small_cnn, whose max-pool runs several times faster in NHWC; 0.99-1.04x for ResNet-18;
+    a model without convolutions gains nothing from the layout."""
+    import torch
+    from torch import nn
+
+    if torch.device(device).type not in ("cpu", "cuda"):
+        return False
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())

@@ -1,0 +1,154 @@
+"""BatchNorm folding for attacks: same function and input gradients, model untouched, live weights."""
+
+import pytest
+import torch
+from torch import nn
+
+from ducat.attacks import PGD
+from ducat.attacks.fold import FoldedView, FoldError, folded
+from ducat.dummy import OriginalLogits, widen_model
+from ducat.models import MODEL_NAMES, build_model
+
+# conv-BN pairs each architecture has, counted by hand from its definition (not by the code under test)
+EXPECTED_FOLDS = {
+    "small_cnn": 4,                 # four conv-BN-ReLU
+    "mlp": 0,                       # no BatchNorm
+    "resnet18": 1 + 8 * 2 + 3,      # stem, two per BasicBlock, three projection shortcuts
+    "bottleneck_resnet18": 1 + 8 * 3 + 4,  # stem, three per Bottleneck, four projection shortcuts
+    "preact_resnet18": 8,           # conv1 -> bn2 in each PreActBlock; bn1 and the final bn follow adds
+    "wrn28_10": 12 + 1,             # conv1 -> bn2 in each of 12 blocks, stem conv -> first block's bn1
+    "wrn34_10": 15 + 1,
+}
+
+
+def trained_like(name: str) -> tuple[nn.Module, torch.Tensor]:
+    """A DUCAT model with non-trivial BatchNorm statistics and affine parameters, in train mode."""
+    torch.manual_seed(0)
+    channels, size = (1, 12) if name in ("small_cnn", "mlp") else (3, 8)
+    model = widen_model(build_model(name, 10, channels, mean=[0.4] * channels, std=[0.3] * channels))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+        model.train()
+        for _ in range(2):
+            model(torch.rand(6, channels, size, size) * 2)
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # some small variances, where bn.eps matters
+                m.running_var.mul_(torch.empty_like(m.running_var).uniform_(1e-4, 1))
+    return model, torch.rand(3, channels, size, size)
+
+
+def reference(view: nn.Module, model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode logits of the unfolded view and the input gradient of their sum of squares."""
+    was = model.training
+    model.eval()
+    x = x.clone().requires_grad_(True)
+    out = view(x)
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    model.train(was)
+    return out.detach(), grad
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", [n for n in MODEL_NAMES if n != "wrn34_10"])
+def test_logits_and_input_gradients_match_for_every_architecture_and_view(name):
+    model, x = trained_like(name)
+    before = snapshot(model)
+    for view in (model, model.projected("max"), model.projected("logsumexp"), OriginalLogits(model)):
+        want, want_grad = reference(view, model, x)
+        fv = FoldedView(view)
+        assert len(fv.folded) == EXPECTED_FOLDS[name]
+        xg = x.clone().requires_grad_(True)
+        got = fv(xg)
+        (grad,) = torch.autograd.grad(got.square().sum(), xg)
+        scale = want.abs().max()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * scale), (got - want).abs().max()
+        assert torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-5 * want_grad.abs().max())
+    after = snapshot(model)
+    assert model.training and all(m.training for m in model.modules())
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_mode_model_stays_in_eval_mode():
+    model, x = trained_like("preact_resnet18")
+    model.eval()
+    FoldedView(model)(x)
+    assert not any(m.training for m in model.modules())
+
+
+def test_refresh_follows_weight_and_running_stat_changes():
+    model, x = trained_like("small_cnn")
+    fv = FoldedView(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(torch.rand(6, 1, 12, 12)).logsumexp(1).mean()  # train-mode forward: running stats move too
+    loss.backward()
+    opt.step()
+    want, _ = reference(model, model, x)
+    with torch.no_grad():
+        stale = fv(x)
+        fv.refresh()
+        fresh = fv(x)
+    assert (stale - want).abs().max() > 1e-3  # the view holds folded copies, not the live tensors...
+    assert torch.allclose(fresh, want, rtol=1e-4, atol=1e-6)  # ...until refresh() recomputes them
+
+
+def test_channels_last_model_and_bf16_autocast():
+    model, x = trained_like("resnet18")
+    model = model.to(memory_format=torch.channels_last)
+    fv = FoldedView(model)
+    want, _ = reference(model, model, x)
+    with torch.no_grad():
+        assert torch.allclose(fv(x), want, rtol=1e-4, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.eval()
+            want16 = model(x).float()
+            model.train()
+            got16 = fv(x).float()
+    assert (got16 - want16).abs().max() <= 0.05 * want16.abs().max()  # bf16 has 8 mantissa bits
+
+
+def test_pgd_on_the_folded_view_finds_the_same_adversarial_examples():
+    model, _ = trained_like("small_cnn")
+    x, y = torch.rand(16, 1, 12, 12), torch.randint(0, 10, (16,))
+    model.eval()
+    runs = []
+    for target in (model, FoldedView(model)):
+        attack = PGD(target, eps=0.1, step_size=0.025, steps=5, generator=torch.Generator().manual_seed(3))
+        runs.append(attack(x, y))
+    same = (runs[0] == runs[1]).float().mean()
+    # a pixel differs only where a gradient component is ~0 and float rounding flips its sign
+    assert same > 0.99 and (runs[0] - runs[1]).abs().max() <= 2 * 0.1 + 1e-6
+
+
+def test_nothing_to_fold_or_untraceable_returns_the_module():
+    model, _ = trained_like("mlp")
+    assert folded(model) is model
+
+    class Dynamic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent branch: fx cannot trace it
+
+    dynamic = Dynamic()
+    with pytest.raises(FoldError):
+        FoldedView(dynamic)
+    assert folded(dynamic) is dynamic
+    small, _ = trained_like("small_cnn")
+    assert isinstance(folded(small), FoldedView)
+
+
+def test_view_mode_switches_do_not_reach_the_model():
+    model, _ = trained_like("small_cnn")
+    fv = FoldedView(model)
+    fv.eval()
+    assert model.training
+    assert list(fv.parameters()) == []
