@@ -166,3 +166,15 @@ def test_channels_last_rule():
     assert not channels_last_faster(build_model("mlp", 10, 1), "cpu")
     assert not channels_last_faster(build_model("small_cnn", 10, 1), "meta")
 
+
+
+def test_the_command_line_loads_without_torch_so_it_can_set_the_wait_policy_first():
+    """``import ducat.cli`` must not import torch: its ``main`` sets the OpenMP wait policy, which libgomp reads
+    only when torch loads it."""
+    code = ("import sys, ducat, ducat.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import os; os.environ.pop('OMP_WAIT_POLICY', None); ducat.cli.prepare_environment(); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "PASSIVE"

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ducat.errors import CheckpointError
 from ducat.fileio import CRASH_ENV, atomic_write_bytes, crash_point, temp_path  # noqa: F401 (re-exported)
 
 FORMAT_VERSION = 1
@@ -48,8 +49,6 @@ _ZIP_MAGIC = b"PK\x03\x04"  # how torch.load tells its zip format from the legac
 _MiB = 2**20
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupted, unsafe or does not fit; the message is one line."""
 
 
 def save_checkpoint(state: dict[str, Any], path: Path, keep_previous: bool = True) -> str:

@@ -12,14 +12,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from ducat.checkpoint import CheckpointError
 from ducat.cli_options import UsageError, check_output_dir, epochs_option, eval_settings, set_threads
-from ducat.config import ConfigError, ScheduleWarning, load_config, load_run_config, parse_fraction
-from ducat.data import DataError
-from ducat.fileio import RunDirError
-
-USER_ERRORS = (ConfigError, DataError, CheckpointError, RunDirError)
-
+from ducat.config import ScheduleWarning, load_config, load_run_config, parse_fraction
+from ducat.errors import USER_ERRORS, ConfigError
+from ducat.runtime import prepare_environment
 
 EPOCHS_HELP = ("shorten or lengthen the preset keeping its proportions: the lr milestones, the DUCAT start "
                "and run.save_epochs scale with N (ducat.config.scale_schedule)")
@@ -285,6 +281,7 @@ def _flush_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     global _held_warnings
+    prepare_environment()  # before torch loads: OpenMP threads wait passively (see ducat.runtime)
     code = 2
     with warnings.catch_warnings():
         warnings.simplefilter("always", ScheduleWarning)

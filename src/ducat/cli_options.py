@@ -29,18 +29,17 @@ def epochs_option(args: argparse.Namespace) -> int | None:
     return args.epochs
 
 
-def set_threads(threads: int | None) -> None:
-    """``--threads N``: torch's intra-op threads, set before any compute (None: torch's default), in this
-    process and, through ``OMP_NUM_THREADS``, in the processes it starts (``reproduce --nproc``). The one place a
-    command chooses its thread count."""
-    if threads is None:
-        return
-    if threads < 1:
+def set_threads(threads: int | None) -> int:
+    """``--threads N``: torch's intra-op threads, set before any compute (None: automatic, see
+    :func:`ducat.runtime.configure_threads`), in this process and, through ``OMP_NUM_THREADS``, in the
+    processes it starts (``reproduce --nproc``). The one place a command chooses its thread count."""
+    if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
-    import torch  # imported here: the option checks above must not wait for torch
+    from ducat.runtime import configure_threads  # torch loads here, after the option checks
 
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    torch.set_num_threads(threads)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    return configure_threads(threads)
 
 
 def check_output_dir(path: Path, option: str) -> None:

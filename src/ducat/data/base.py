@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ducat.errors import DataError
+
 DATASET_NAMES = ("digits", "FashionMNIST", "CIFAR10", "CIFAR100", "TinyImageNet")
 
 # Normalised spellings (lower case, without "-", "_", " ") -> canonical name.
@@ -22,8 +24,6 @@ _ALIASES = {
 }
 
 
-class DataError(ValueError):
-    """Unknown dataset, missing or malformed data files; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from ducat.eval.plan import EvalSettings, build_plan
 from ducat.eval.report import EvalReport, build_report, write_report
 from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan, tensor_digest
 from ducat.provenance import file_sha256, provenance
+from ducat.runtime import channels_last_faster
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
@@ -94,9 +95,12 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
     n = len(test) if config.n_examples is None else min(config.n_examples, len(test))
     dev = select_device(device)
     x, y = (test.images[:n].float() / 255).to(dev), test.labels[:n].to(dev)
+    model = model.to(dev)
+    if channels_last_faster(model, dev):  # the model is ours here, its layout free to choose
+        model = model.to(memory_format=torch.channels_last)
     out = Path(out) if out is not None else default_output(target)
     facts = provenance(str(dev)) | {"checkpoint": facts, "examples": f"first {n} of the {dataset} test split",
                                     "examples_sha256": tensor_digest(x, y)}
-    report = evaluate(model.to(dev), x, y, config, cache_dir=out / "eval_cache", progress=progress, provenance=facts)
+    report = evaluate(model, x, y, config, cache_dir=out / "eval_cache", progress=progress, provenance=facts)
     write_report(report, out)
     return report

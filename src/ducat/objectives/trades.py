@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ducat.attacks import TradesAttack, eval_mode
-from ducat.objectives.base import Augment, Objective, StepOutput, attacked_view
+from ducat.objectives.base import Augment, Objective, StepOutput
 
 
 def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
@@ -37,8 +37,8 @@ class TRADES(Objective):
 
     def craft(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         a = self.attack
-        attack = TradesAttack(attacked_view(model, a.mode), a.eps, a.step_size, a.steps, self.generator, norm=a.norm)
         with eval_mode(model, a.bn_eval):
+            attack = TradesAttack(self.attack_target(model), a.eps, a.step_size, a.steps, self.generator, norm=a.norm)
             return attack(x)
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,

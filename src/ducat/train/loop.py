@@ -25,6 +25,7 @@ from ducat.train.setup import (
     learning_rate,
     load_data,
     training_autocast,
+    use_bf16,
     use_channels_last,
     wrap_distributed,
 )
@@ -80,7 +81,8 @@ class Trainer:
             if self.device.type != "cuda":
                 raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.channels_last = use_channels_last(config.run, self.device)
+        self.channels_last = use_channels_last(config.run, self.model, self.device)
+        self.bf16 = use_bf16(config.run, self.device)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config)
@@ -124,7 +126,7 @@ class Trainer:
                 x, y = x[mine], y[mine]
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with training_autocast(self.config.run, self.device):
+            with training_autocast(self.bf16, self.device):
                 out = self.objective(self.model, x, y, ducat_active=active, augment=self._augment)
             self.optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

@@ -15,26 +15,32 @@ from ducat.data import TensorData, load_split, split_train_val
 from ducat.distributed import DistContext
 from ducat.objectives import METHODS, AttackSettings, DucatSettings, Objective
 from ducat.runs import build_run_model, load_into_run_model
+from ducat.runtime import channels_last_faster, configure_determinism, configure_threads, native_bf16
 
 
-def setup_runtime(run: RunConfig) -> None:
-    """Process-wide torch settings of a run: intra-op threads and deterministic algorithms. The CLI calls
-    this once before training; a library user calls it (or not) themselves."""
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    if run.deterministic:
-        torch.use_deterministic_algorithms(True)
+def setup_runtime(run: RunConfig) -> int:
+    """Process-wide torch settings of a run: intra-op threads (``run.threads``, automatic when unset) and
+    deterministic algorithms. Returns the thread count."""
+    threads = configure_threads(run.threads)
+    configure_determinism(run.deterministic)
+    return threads
 
 
-def use_channels_last(run: RunConfig, device: torch.device) -> bool:
-    """Whether the run keeps the model and its inputs channels_last (``run.channels_last``; auto = on CUDA)."""
-    return run.channels_last == "on" or (run.channels_last == "auto" and device.type == "cuda")
+def use_channels_last(run: RunConfig, model: nn.Module, device: torch.device) -> bool:
+    """Whether the run keeps the model and its inputs channels_last: ``run.channels_last``, where auto means
+    where it is faster (models with 2-d convolutions; :func:`ducat.runtime.channels_last_faster`)."""
+    return run.channels_last == "on" or (run.channels_last == "auto" and channels_last_faster(model, device))
 
 
-def training_autocast(run: RunConfig, device: torch.device):
-    """The autocast context of the training step: bf16 per ``run.amp`` (auto = on CUDA with bf16), else none."""
-    use = run.amp == "bf16" or (run.amp == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use else nullcontext()
+def use_bf16(run: RunConfig, device: torch.device) -> bool:
+    """Whether the training step runs under bf16 autocast: ``run.amp``, where auto means where the hardware
+    has native bf16 (:func:`ducat.runtime.native_bf16`; the accuracy check is in docs/performance.md)."""
+    return run.amp == "bf16" or (run.amp == "auto" and native_bf16(device))
+
+
+def training_autocast(enabled: bool, device: torch.device):
+    """The autocast context of the training step (bf16 when ``enabled``); attacks for evaluation never use it."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def learning_rate(epoch: int, config: TrainConfig) -> float:
@@ -51,7 +57,8 @@ def build_objective(config: TrainConfig, generator: torch.Generator | None,
                     forward_module: nn.Module | None = None) -> Objective:
     """The method's objective; ``forward_module`` (e.g. the DDP wrapper) runs the training forward pass."""
     a, u = config.attack, config.ducat
-    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start, a.norm)
+    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start, a.norm,
+                            fold_bn=not config.run.compile)  # the folded graph runs eagerly
     ducat = DucatSettings(u.alpha, u.beta1, u.beta2)
     return METHODS[config.method.name].from_config(config.method, attack, ducat, generator, forward_module)
 
@@ -87,8 +94,11 @@ def load_data(config: TrainConfig, device: torch.device) -> tuple[TensorData, Te
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay; on CUDA the fused kernel (one launch per step for all parameters)."""
     o = config.optim
-    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           fused=fused or None)
 
 
 def wrap_distributed(model: nn.Module, dist: DistContext, device: torch.device) -> nn.Module:

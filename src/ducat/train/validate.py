@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ducat.attacks import PGD, correct_under_attack, eval_mode
+from ducat.attacks.fold import folded
 from ducat.config import TrainConfig
 from ducat.data import TensorData
 from ducat.distributed import DistContext
@@ -39,7 +40,7 @@ def validate_model(model: nn.Module, data: TensorData, config: TrainConfig, seed
     x, y = data.images[mine].float() / 255, data.labels[mine]
     generator = torch.Generator(device=data.images.device).manual_seed(seed + dist.rank)
     with eval_mode(model):
-        attack = PGD(deployed(model), a.eps, a.eps / 4, v.pgd_steps, generator=generator, norm=a.norm)
+        attack = PGD(folded(deployed(model)), a.eps, a.eps / 4, v.pgd_steps, generator=generator, norm=a.norm)
         clean = correct_under_attack(model, x, y, None, v.batch_size).sum()
         robust = correct_under_attack(model, x, y, attack, v.batch_size).sum()
     counts = dist.all_reduce_sum(torch.stack([clean, robust]).float())
