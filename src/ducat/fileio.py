@@ -154,17 +154,11 @@ class RunLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as exc:
             raise RunDirError(f"cannot create the lock of run directory '{self.run_dir}' ({exc.strerror})") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_holder(fd)
+        holder = self._lock_or_holder(fd)
+        if holder is not None:
             os.close(fd)
             raise RunLockedError(f"run directory '{self.run_dir}' is in use by {_describe(holder)}; wait for it "
-                                 "to finish (or stop it), or choose another run directory") from None
-        except OSError as exc:
-            os.close(fd)
-            raise RunDirError(f"cannot lock run directory '{self.run_dir}' ({exc.strerror}); "
-                              "the file system may not support locks") from None
+                                 "to finish (or stop it), or choose another run directory")
         previous = _read_holder(fd)
         self.took_over_from = previous.get("pid") if isinstance(previous.get("pid"), int) else None
         record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -173,6 +167,25 @@ class RunLock:
         self._fd = fd
         remove_orphan_temps(self.run_dir)
         return self
+
+    def _lock_or_holder(self, fd: int, patience: float = 2.0) -> dict | None:
+        """Take the lock on ``fd`` (None), or return the holder's record. A holder records itself just after
+        it locks, so an empty record is read again for up to ``patience`` seconds (trying the lock too: the
+        holder may be gone by then) before it is reported as such."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return None
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                if holder or time.monotonic() > deadline:
+                    return holder
+                time.sleep(0.02)
+            except OSError as exc:
+                os.close(fd)
+                raise RunDirError(f"cannot lock run directory '{self.run_dir}' ({exc.strerror}); "
+                                  "the file system may not support locks") from None
 
     def release(self) -> None:
         """Empty the record and drop the lock (a no-op if not held)."""
