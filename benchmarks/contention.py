@@ -3,14 +3,15 @@
 
 For each candidate setting the script starts a *worker* process (its environment set before torch is
 imported, which is when OpenMP reads it) that times ducat training steps -- PGD-10 + DUCAT with
-``ducat.objectives`` on small_cnn, batch 128 -- in alternating phases: idle, then ``--cycles`` times contended and idle again. For a
-contended phase the script starts a *competitor*: a separate Python process running a torch CPU loop
-(``relu(a @ a)`` on 512 x 512 fp32, forever) with torch's default threads, as a user's other job
-would; it stops the competitor before the next idle phase. Slowdown = mean step time of a contended
-phase / mean step time of the idle phases on either side. The phases alternate within one worker, so
-the idle and contended figures share the process, the data and the warm caches. On a shared machine
-other users' jobs load the "idle" phases too: the script measures that background load (cores busy
-outside its own process tree, from ``/proc``) per phase and prints it next to the result.
+``ducat.objectives`` on small_cnn, batch 128 -- in alternating phases: idle, then ``--cycles`` times
+contended and idle again. For a contended phase the script starts a *competitor*: a separate Python
+process running a torch CPU loop (``relu(a @ a)`` on 512 x 512 fp32, forever) with torch's default
+threads, as a user's other job would; it stops the competitor before the next idle phase. Slowdown =
+mean step time of a contended phase / mean step time of the idle phases on either side. The phases
+alternate within one worker, so the idle and contended figures share the process, the data and the
+warm caches. On a shared machine other users' jobs load the "idle" phases too: the script measures
+that background load (cores busy outside its own process tree, from ``/proc``) per phase and prints
+it next to the result.
 
 Candidates (``--configs``, comma-separated):
 

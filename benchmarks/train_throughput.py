@@ -567,8 +567,9 @@ def main() -> None:
               f"{spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
-        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"] if spec["amp"] != "library" else
-                     "fp32", "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
+        default_amp = spec["amp"] if spec["amp"] != "library" else "fp32"
+        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": default_amp,
+                     "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, precision["defaults"])
         table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
