@@ -14,14 +14,13 @@ OpenMP runtime reads it when torch is imported):
              DUCAT soft-label CE inline; ``.item()`` statistics every step.
   ducat-0.1  ducat as it shipped before this work: fp32, NCHW, no BatchNorm folding, torch's thread count
              and OpenMP wait policy (``run.amp=off run.channels_last=off run.threads=<cores>``).
-  defaults   ducat with no flags. Until the runtime pieces are wired into the library, ``--defaults
-             emulate`` (the default) applies what the defaults will be: ``ducat.runtime.prepare_environment()``
-             on the process environment (passive OpenMP wait), ``configure_threads(None)`` (torch's
-             default count capped by the usable CPUs and the container quota), ``run.amp=bf16`` where
-             ``native_bf16('cpu')`` else fp32, ``run.channels_last=on`` where ``channels_last_faster``, and
-             BatchNorm folding during the attack (``ducat.attacks.fold``). Once wired, ``--defaults library``
-             runs ``Trainer(config)`` with no overrides (after ``prepare_environment()``, as the CLI does).
-  -bf16, -cl, -fold   the defaults without one of their means (same process as ``defaults``).
+  defaults   ducat with no flags: ``Trainer(config)`` on the preset, in a process whose environment
+             ``ducat.runtime.prepare_environment()`` set before torch was imported, as the CLI does. The
+             library then picks the threads (``configure_threads(None)``), bf16 autocast where
+             ``native_bf16``, channels_last where ``channels_last_faster``, and BatchNorm folding in the
+             attack (``ducat.attacks.fold``).
+  -bf16, -cl, -fold   the defaults without one of their means (same process as ``defaults``):
+             ``run.amp='off'``, ``run.channels_last='off'``, or the objective's ``fold_bn`` off.
 
 Measurement. Every loop trains its own model from the same seed on the first ``--n`` (256) training
 images; 2 warm-up steps each, then ``--rounds`` rounds. A round times one epoch (``--n`` / 128 steps)
@@ -178,43 +177,19 @@ class RefLoop:
         return secs
 
 
-def fold_attacks(objective) -> None:
-    """Emulates the proposed ``Objective.craft``: PGD on a cached, refreshed BN-folded attacked view."""
-    from ducat.attacks import PGD, eval_mode
-    from ducat.attacks.fold import folded
-    from ducat.objectives.base import attacked_view
-
-    cache: dict[tuple[int, str], Any] = {}
-    plain = objective.craft
-
-    def craft(model, x, y):
-        a = objective.attack
-        if not a.bn_eval:
-            return plain(model, x, y)
-        key = (id(model), a.mode)
-        if key not in cache:
-            cache[key] = folded(attacked_view(model, a.mode))
-        view = cache[key]
-        if hasattr(view, "refresh"):
-            view.refresh()
-        pgd = PGD(view, a.eps, a.step_size, a.steps, a.random_start, generator=objective.generator)
-        with eval_mode(model):
-            return pgd(x, y)
-
-    objective.craft = craft
-
-
 class DucatLoop:
     """``Trainer(config).train_epoch`` on the first ``n`` images with ``overrides``; optional folding."""
 
     def __init__(self, base: list[str], overrides: list[str], fold: bool, out: Path):
+        import dataclasses
+
         from ducat.config import load_config
         from ducat.train import Trainer
 
         self.cfg = load_config(PRESET, base + overrides + [f"run.out={out}"])
         self.trainer = Trainer(self.cfg, log=lambda s: None)
-        if fold:
-            fold_attacks(self.trainer.objective)
+        objective = self.trainer.objective
+        objective.attack = dataclasses.replace(objective.attack, fold_bn=fold and objective.attack.fold_bn)
         self.model, self.last = self.trainer.model, {}
 
     def epoch(self, epoch: int, max_steps: int | None = None) -> float:
@@ -231,36 +206,19 @@ class DucatLoop:
             tr.train_data = full
 
 
-def has_run_key(key: str) -> bool:
-    import dataclasses
+def library_defaults() -> dict[str, Any]:
+    """What the library picks with no flags on this CPU, for the report: precision, layout, threads."""
+    import torch
 
-    from ducat.config import RunConfig
-
-    return key in {f.name for f in dataclasses.fields(RunConfig)}
-
-
-def defaults_spec(mode: str) -> dict[str, Any]:
-    """Overrides, folding and thread policy that make up ducat's defaults (see the module docstring)."""
     from ducat.models import build_model
     from ducat.runtime import channels_last_faster, native_bf16
 
-    if mode == "library":
-        return {"overrides": [], "fold": False, "threads": "library", "amp": "library", "cl": "library"}
-    bf16 = native_bf16("cpu")
-    cl = channels_last_faster(build_model("small_cnn", 10, 1), "cpu")
-    return {"overrides": [f"run.amp={'bf16' if bf16 else chr(39) + 'off' + chr(39)}",
-                          f"run.channels_last='{'on' if cl else 'off'}'"],
-            "fold": True, "threads": "auto", "amp": "bf16" if bf16 else "fp32", "cl": "on" if cl else "off"}
+    return {"amp": "bf16" if native_bf16("cpu") else "fp32",
+            "cl": "on" if channels_last_faster(build_model("small_cnn", 10, 1), "cpu") else "off",
+            "threads": torch.get_num_threads()}
 
 
-def ablation(spec: dict[str, Any], name: str) -> tuple[list[str], bool]:
-    """Overrides and fold flag of the defaults without one mean."""
-    overrides = [o for o in spec["overrides"] if not o.startswith({"-bf16": "run.amp", "-cl": "run.channels_last"}
-                                                                    .get(name, "-"))]
-    overrides += {"-bf16": ["run.amp='off'"], "-cl": ["run.channels_last='off'"]}.get(name, [])
-    if name == "-fold" and has_run_key("fold_bn"):
-        overrides.append("run.fold_bn=false")
-    return overrides, spec["fold"] and name != "-fold"
+ABLATION_OVERRIDES = {"-bf16": ["run.amp='off'"], "-cl": ["run.channels_last='off'"], "-fold": []}
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 3) -> float:
@@ -294,19 +252,15 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
         info.update(flops=count_flops(runners[kind].model, (1, 28, 28)), steps=runners[kind].cfg.attack.steps)
     elif kind == "old":
         old = ["run.amp='off'", "run.channels_last='off'", f"run.threads={torch.get_num_threads()}"]
-        old += ["run.fold_bn=false"] if has_run_key("fold_bn") else []
         runners["ducat-0.1"] = DucatLoop(base, old, False, tmp / "old")
     else:
-        spec = defaults_spec(args.defaults)
-        if spec["threads"] == "auto":
-            from ducat.runtime import configure_threads
+        from ducat.train.setup import setup_runtime
 
-            configure_threads(None)
-        runners["defaults"] = DucatLoop(base, spec["overrides"], spec["fold"], tmp / "defaults")
-        for name in ([] if args.quick or args.defaults == "library" else ABLATIONS):
-            overrides, fold = ablation(spec, name)
-            runners[name] = DucatLoop(base, overrides, fold, tmp / name)
-        info.update(spec=spec)
+        setup_runtime(load_config(PRESET, base).run)  # what ``train()`` does first: threads, determinism
+        runners["defaults"] = DucatLoop(base, [], True, tmp / "defaults")
+        for name in ([] if args.quick else ABLATIONS):
+            runners[name] = DucatLoop(base, ABLATION_OVERRIDES[name], name != "-fold", tmp / name)
+        info.update(spec=library_defaults())
     return runners, info
 
 
@@ -401,8 +355,8 @@ def means_table(reps: int) -> None:
 # =========================================== driver side ===========================================
 class Worker:
     def __init__(self, kind: str, args, env: dict[str, str]):
-        cmd = [sys.executable, __file__, "--worker", kind, "--n", str(args.n), "--workers", str(args.workers),
-               "--defaults", args.defaults] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, __file__, "--worker", kind, "--n", str(args.n), "--workers", str(args.workers)]
+        cmd += ["--quick"] if args.quick else []
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
 
@@ -525,8 +479,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=256, help="training images per timed epoch, a multiple of 128")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 8, --quick 3)")
     p.add_argument("--quick", action="store_true", help="3 rounds, no ablations")
-    p.add_argument("--defaults", choices=("emulate", "library"), default="emulate",
-                   help="emulate the shipped defaults (until wired in) or use the library with no flags")
     p.add_argument("--cycles", type=int, default=2, help="contended phases of the defaults, each between idle ones")
     p.add_argument("--contend-all", action="store_true", help="also measure ref and ducat-0.1 under contention")
     p.add_argument("--workers", type=int, default=2, help="DataLoader num_workers of the reference loop")
@@ -550,25 +502,22 @@ def main() -> None:
     print("# ducat training throughput: PGD-10 + DUCAT, small_cnn (2C head), Fashion-MNIST 28x28, batch 128\n")
     print(f"uptime at start: {uptime()}")
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical CPUs, python "
-          f"{platform.python_version()}; defaults: {args.defaults}")
+          f"{platform.python_version()}")
     sys.path.insert(0, str(SRC))
     from ducat.runtime import prepare_environment
 
     env = clean_env({})  # torch's defaults: no thread or wait-policy variables
     # what ``ducat.cli`` does before torch is imported, applied to the defaults' process environment
-    # (importing the ``ducat`` package imports torch, until its ``__init__`` is made lazy)
     new_env = dict(env)
     prepare_environment(new_env)
     workers = {kind: Worker(kind, args, new_env if kind in ("new", "ref-passive") else env) for kind in KINDS}
     try:
         spec = workers["new"].info["spec"]
-        print(f"defaults as measured: amp {spec['amp']}, channels_last {spec['cl']}, BN folding "
-              f"{'on' if spec['fold'] else 'as the library does'}, threads "
-              f"{spec['threads']}; torch default threads "
+        print(f"defaults as the library picks them here: amp {spec['amp']}, channels_last {spec['cl']}, "
+              f"BN folding in the attack on, threads {spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
-        default_amp = spec["amp"] if spec["amp"] != "library" else "fp32"
-        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": default_amp,
+        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"],
                      "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, precision["defaults"])
