@@ -117,6 +117,16 @@ def _config_stamp(run_dir: Path):
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+def _kill_after(proc: subprocess.Popen, delay: float) -> bool:
+    """Sleep ``delay`` s, then SIGKILL ``proc``; True if the kill landed (it was still running)."""
+    time.sleep(delay)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return proc.returncode == -signal.SIGKILL
+
+
 def run_and_kill_at_random(command: list[str], run_dir: Path, delay: float, timeout: float = 300) -> bool:
     """Start ``command``, wait until it starts training (it (re)writes config.yaml), sleep ``delay`` s,
     SIGKILL it. True if the kill landed (the process was still running)."""
@@ -128,12 +138,7 @@ def run_and_kill_at_random(command: list[str], run_dir: Path, delay: float, time
             if time.monotonic() > deadline:
                 raise TimeoutError(" ".join(command))
             time.sleep(0.002)
-        time.sleep(delay)
-        if proc.poll() is not None:
-            return False
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode == -signal.SIGKILL
+        return _kill_after(proc, delay)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -267,12 +272,7 @@ def kill_after_line(command: list[str], marker: str, delay: float, timeout: floa
             if marker in line or time.monotonic() > deadline:
                 break
         threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep draining: the pipe never fills
-        time.sleep(delay)
-        if proc.poll() is not None:
-            return False
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        return proc.returncode == -signal.SIGKILL
+        return _kill_after(proc, delay)
     finally:
         if proc.poll() is None:
             proc.kill()
