@@ -23,8 +23,8 @@ Candidates (``--configs``, comma-separated):
   t2-spin10k  2 threads, ``GOMP_SPINCOUNT=10000``
   t1-passive  1 thread, ``OMP_WAIT_POLICY=PASSIVE``
   auto        ducat's runtime setup: ``ducat.runtime.prepare_environment()`` applied to the worker's
-              environment (passive wait unless set) + ``configure_threads(None)`` (torch's default count,
-              capped by the usable CPUs and the container's CPU quota)
+              environment (GOMP_SPINCOUNT=1000 unless a wait setting is set) + ``configure_threads(None)``
+              (torch's default count, capped by the usable CPUs and the container's CPU quota)
 
 Workloads (``--workload``): ``fmnist`` (28 x 28, ``ducat train`` / ``reproduce --scale mini``) and
 ``digits`` (8 x 8, ``ducat quickstart`` / ``reproduce --scale smoke``, where every operator is tiny and

@@ -5,8 +5,8 @@ PGD-10 + DUCAT on small_cnn (2C head), Fashion-MNIST 28x28, batch 128, eps 0.1, 
 Each loop runs in its own process, so that each gets the environment it would have in real use (the
 OpenMP runtime reads it when torch is imported):
 
-  ref        typical research code, torch's defaults (``ref-passive``: the same code in a process with
-             ducat's environment, passive OpenMP waiting, which separates ducat's own gains from the
+  ref        typical research code, torch's defaults (``ref-env``: the same code in a process with
+             ducat's environment, its OpenMP spin count, which separates ducat's own gains from the
              wait policy's on a machine that other jobs load): torchvision ``FashionMNIST`` returning PIL images,
              ``Compose([RandomCrop(28, padding=2), RandomHorizontalFlip(), ToTensor()])``,
              ``DataLoader(batch_size=128, shuffle=True, num_workers=2, persistent_workers=True)``; PGD steps
@@ -76,7 +76,7 @@ PRESET = "cpu-fmnist-small_cnn-pgd_at-ducat"
 BATCH = 128
 WARM_STEPS = 2
 ABLATIONS = ("-bf16", "-cl", "-fold")
-KINDS = ("ref", "ref-passive", "old", "new")  # worker processes; ref-passive: ref with ducat's environment
+KINDS = ("ref", "ref-env", "old", "new")  # worker processes; ref-env: ref with ducat's environment
 QUIET_CORES = 0.5  # rounds with less background load (cores busy outside this benchmark) count as idle
 
 
@@ -247,7 +247,7 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
             "ducat.start_epoch=1", "run.progress=false", "run.tensorboard=false", "run.device=cpu"]
     runners: dict[str, Any] = {}
     info: dict[str, Any] = {"torch_default_threads": torch.get_num_threads()}
-    if kind in ("ref", "ref-passive"):
+    if kind in ("ref", "ref-env"):
         runners[kind] = RefLoop(load_config(PRESET, base + [f"run.out={tmp / kind}"]), args.n, tmp, args.workers)
         info.update(flops=count_flops(runners[kind].model, (1, 28, 28)), steps=runners[kind].cfg.attack.steps)
     elif kind == "old":
@@ -444,7 +444,7 @@ def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> 
     print(f"## matmul (torch.mm 2048 x 2048, defaults' process): fp32 median {med(m['fp32'] for m in mm):.1f} GFLOP/s"
           + (f", bf16 median {med(m['bf16'] for m in mm):.1f}" if "bf16" in mm[0] else "")
           + f" at {sorted({m['threads'] for m in mm})} threads\n")
-    print("| loop        | trains in | img/s median (min-max) | x ref median (min-max) | x ref-passive | GFLOP/s "
+    print("| loop        | trains in | img/s median (min-max) | x ref median (min-max) | x ref-env     | GFLOP/s "
           "| % of its matmul | threads | loss  |")
     print("|-------------|-----------|------------------------|------------------------|---------------|---------"
           "|-----------------|---------|-------|")
@@ -452,12 +452,12 @@ def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> 
     for name in names:
         v = ips[name]
         ratios = [a / b for a, b in zip(v, ips["ref"])]
-        ratios_passive = [a / b for a, b in zip(v, ips["ref-passive"])]
+        ratios_env = [a / b for a, b in zip(v, ips["ref-env"])]
         p = precision[name]
         pct = [100 * useful * a / 1e9 / m[p] for a, m in zip(v, mm)]
         out[name] = {"ratio": med(ratios), "pct": med(pct), "precision": p}
         print(f"| {name:11s} | {p:9s} | {med(v):6.1f} ({min(v):6.1f}-{max(v):6.1f}) | {med(ratios):5.2f} "
-              f"({min(ratios):5.2f}-{max(ratios):5.2f})    | {med(ratios_passive):12.2f}x "
+              f"({min(ratios):5.2f}-{max(ratios):5.2f})    | {med(ratios_env):12.2f}x "
               f"| {useful * med(v) / 1e9:7.1f} | {med(pct):14.0f}% "
               f"| {','.join(map(str, sorted(set(res['threads'][name])))):>7s} | {res['loss'][name]:5.3f} |")
     spread = {k: (max(v) - min(v)) / med(v) for k, v in ips.items()}
@@ -510,14 +510,14 @@ def main() -> None:
     # what ``ducat.cli`` does before torch is imported, applied to the defaults' process environment
     new_env = dict(env)
     prepare_environment(new_env)
-    workers = {kind: Worker(kind, args, new_env if kind in ("new", "ref-passive") else env) for kind in KINDS}
+    workers = {kind: Worker(kind, args, new_env if kind in ("new", "ref-env") else env) for kind in KINDS}
     try:
         spec = workers["new"].info["spec"]
         print(f"defaults as the library picks them here: amp {spec['amp']}, channels_last {spec['cl']}, "
               f"BN folding in the attack on, threads {spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
-        precision = {"ref": "fp32", "ref-passive": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"],
+        precision = {"ref": "fp32", "ref-env": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"],
                      "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, precision["defaults"])

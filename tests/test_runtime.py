@@ -27,10 +27,11 @@ from ducat.runtime import (
 def test_wait_policy_is_set_only_when_unset():
     env: dict[str, str] = {}
     prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "PASSIVE"}
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    prepare_environment(env)
-    assert env == {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert env == {"GOMP_SPINCOUNT": "1000"}
+    for user in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        env = dict(user)
+        prepare_environment(env)
+        assert env == user
 
 
 def test_prepare_environment_says_whether_torch_was_imported_already():
@@ -41,9 +42,9 @@ def test_runtime_module_imports_without_torch():
     """The CLI runs prepare_environment() before anything imports torch; the module itself must not."""
     code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('rt', sys.argv[1]); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); env = {}; "
-            "ok = m.prepare_environment(env); print(ok, 'torch' in sys.modules, env['OMP_WAIT_POLICY'])")
+            "ok = m.prepare_environment(env); print(ok, 'torch' in sys.modules, env['GOMP_SPINCOUNT'])")
     out = subprocess.run([sys.executable, "-c", code, runtime.__file__], capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["True", "False", "PASSIVE"]
+    assert out.stdout.split() == ["True", "False", "1000"]
 
 
 SPIN_PROBE = """
@@ -68,7 +69,7 @@ print((time.process_time() - cpu) / (time.perf_counter() - wall))
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
                     reason="needs 2 usable cores")
 def test_wait_policy_works_only_when_set_before_torch_is_imported():
-    """A spinning OpenMP worker burns CPU while the main thread sleeps; a passive one does not. Measured
+    """A spinning OpenMP worker burns CPU while the main thread sleeps; one with ducat's short spin does not. Measured
     in real processes: the CPU time per wall second with the policy set before and after ``import torch``."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
 
@@ -172,9 +173,8 @@ def test_the_command_line_loads_without_torch_so_it_can_set_the_wait_policy_firs
     """``import ducat.cli`` must not import torch: its ``main`` sets the OpenMP wait policy, which libgomp reads
     only when torch loads it."""
     code = ("import sys, ducat, ducat.cli; assert 'torch' not in sys.modules, 'torch imported'; "
-            "import os; os.environ.pop('OMP_WAIT_POLICY', None); ducat.cli.prepare_environment(); "
-            "print(os.environ['OMP_WAIT_POLICY'])")
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            "ducat.cli.prepare_environment(); import os; print(os.environ['GOMP_SPINCOUNT'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "PASSIVE"
+    assert done.stdout.strip() == "1000"

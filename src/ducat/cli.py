@@ -281,7 +281,7 @@ def _flush_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     global _held_warnings
-    prepare_environment()  # before torch loads: OpenMP threads wait passively (see ducat.runtime)
+    prepare_environment()  # before torch loads: OpenMP threads spin briefly, then sleep (see ducat.runtime)
     code = 2
     with warnings.catch_warnings():
         warnings.simplefilter("always", ScheduleWarning)

@@ -3,13 +3,16 @@
 Why this exists: with libgomp's default wait policy a thread that reaches a barrier spins (about
 300,000 iterations) before it sleeps. When another CPU-bound process shares the cores, the spinning
 thread holds a core that the thread it waits for needs, and every small operator waits for a scheduler
-time slice: under one competing torch process ducat's training step ran 6.4-6.9x slower than idle
-(median), with ``OMP_WAIT_POLICY=PASSIVE`` 1.9-2.2x (``benchmarks/contention.py``, results in
-``docs/performance.md``). OpenMP reads its environment once, when torch is first imported, so
-:func:`prepare_environment` must run before that. With passive waiting, fewer threads than cores did not
-help on Fashion-MNIST (a process's share of a contended CPU grows with its runnable threads: 1 thread
-2.9x, 2 threads 2.2x), so the thread count is chosen once, from the CPUs this process may use, and not
-adapted to other processes' load.
+time slice: under one competing torch process ducat's training step ran 5.3-6.9x slower than idle.
+Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) cured that but made idle steps slower, since waking a
+thread costs more than a small operator takes (digits step 145 ms against 90 ms spinning). A short spin
+(``GOMP_SPINCOUNT=1000``, tens of microseconds) then sleep kept most of both: idle 101 ms on digits and
+479 ms on Fashion-MNIST (passive 145 and 541), contended 2.1-2.2x idle (``benchmarks/contention.py`` on
+an idle machine, results in ``docs/performance.md``). OpenMP reads its environment once, when torch is
+first imported, so :func:`prepare_environment` must run before that. GOMP_SPINCOUNT is libgomp's (the
+OpenMP runtime of torch's Linux x86 wheels); other runtimes ignore it. Fewer threads than cores did not
+help under contention (a process's share of a busy CPU grows with its runnable threads), so the thread
+count is chosen once, from the CPUs this process may use, and not adapted to other processes' load.
 
 This module does not import torch at import time, so that :func:`prepare_environment` can run first.
 """
@@ -23,16 +26,18 @@ from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
-WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
+SPIN_COUNT = ("GOMP_SPINCOUNT", "1000")  # a short spin at a barrier, then sleep
+USER_WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # either one set by the user is left alone
 
 
 def prepare_environment(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Set the OpenMP wait policy to passive unless the user set one. Call before torch is imported.
+    """Set ``GOMP_SPINCOUNT=1000`` unless the user set a wait policy or spin count. Call before torch is
+    imported.
 
     Returns whether the setting can still take effect, i.e. torch was not imported yet (the OpenMP
     runtime reads its environment once, when torch loads it). Child processes inherit the setting."""
-    for key, value in WAIT_POLICY.items():
-        environ.setdefault(key, value)
+    if not any(key in environ for key in USER_WAIT_SETTINGS):
+        environ[SPIN_COUNT[0]] = SPIN_COUNT[1]
     return "torch" not in sys.modules
 
 
