@@ -219,6 +219,13 @@ class Trial:
     lost: bool = False
     problems: list[str] = field(default_factory=list)
 
+    def judge(self, problems: list[str]) -> "Trial":
+        """Record what the comparison with the reference found: any problem means the run was lost and no
+        kill was survived."""
+        self.problems, self.lost = problems, bool(problems)
+        self.survived = 0 if self.lost else self.kills
+        return self
+
 
 def hook_trial(point: str, reference: Path, run_dir: Path) -> Trial:
     trial = Trial(point)
@@ -229,10 +236,7 @@ def hook_trial(point: str, reference: Path, run_dir: Path) -> Trial:
         return trial
     trial.kills = 1
     ok, err = resume_until_done(run_dir)
-    trial.problems = [f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir)
-    trial.lost = bool(trial.problems)
-    trial.survived = 0 if trial.lost else 1
-    return trial
+    return trial.judge([f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir))
 
 
 def random_trial(reference: Path, run_dir: Path, window: float, kills: int, rng: random.Random) -> Trial:
@@ -247,10 +251,7 @@ def random_trial(reference: Path, run_dir: Path, window: float, kills: int, rng:
             break  # that launch finished before the kill: the run is complete
     trial.kind = f"random kills at {', '.join(delays) or '-'} after start of training"
     ok, err = resume_until_done(run_dir)
-    trial.problems = [f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir)
-    trial.lost = bool(trial.problems)
-    trial.survived = 0 if trial.lost else trial.kills
-    return trial
+    return trial.judge([f"resume failed: {err}"] if not ok else compare_runs(reference, run_dir))
 
 
 # ---- kills during ``ducat eval`` ----------------------------------------------------------------------------
@@ -322,12 +323,9 @@ def eval_trial(run_dir: Path, reference: Path, out: Path, window: float, kills: 
     trial.kind = f"eval, kills at {', '.join(delays) or '-'} after its first attack started"
     done = run(eval_command(run_dir, out))
     if done.returncode != 0:
-        trial.problems = [f"eval rerun failed: {done.stderr.strip().splitlines()[-1:]}"]
-    elif eval_outputs(out) != eval_outputs(reference):
-        trial.problems = ["report.json or masks.npz differ from the unkilled evaluation's"]
-    trial.lost = bool(trial.problems)
-    trial.survived = 0 if trial.lost else trial.kills
-    return trial
+        return trial.judge([f"eval rerun failed: {done.stderr.strip().splitlines()[-1:]}"])
+    same = eval_outputs(out) == eval_outputs(reference)
+    return trial.judge([] if same else ["report.json or masks.npz differ from the unkilled evaluation's"])
 
 
 # ---- kills during ``ducat reproduce --scale smoke`` training ------------------------------------------------
@@ -347,12 +345,9 @@ def reproduce_trial(out: Path, reference: Path, window: float, rng: random.Rando
     trial.kills = int(kill_after_line(reproduce_command(out), "reproduce --scale", delay))
     done = run(reproduce_command(out), timeout=3600)
     if done.returncode != 0:
-        trial.problems = [f"reproduce rerun failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"]
-    elif table1(out) != table1(reference):
-        trial.problems = ["table 1 differs from the unkilled reproduction's"]
-    trial.lost = bool(trial.problems)
-    trial.survived = 0 if trial.lost else trial.kills
-    return trial
+        return trial.judge([f"reproduce rerun failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"])
+    same = table1(out) == table1(reference)
+    return trial.judge([] if same else ["table 1 differs from the unkilled reproduction's"])
 
 
 # ---- two concurrent writers of one run directory -----------------------------------------------------------
@@ -388,9 +383,7 @@ def concurrent_trial(reference: Path, run_dir: Path) -> Trial:
     expected = f"is in use by process {winner.pid} "
     if winner.returncode != 0 or loser.returncode != 2 or expected not in loser_err or loser_err.count("\n") != 1:
         trial.problems.append(f"exits {winner.returncode}/{loser.returncode}, refusal {loser_err.strip()[:120]!r}")
-    trial.problems += compare_runs(reference, run_dir)
-    trial.lost = bool(trial.problems)
-    return trial
+    return trial.judge(trial.problems + compare_runs(reference, run_dir))
 
 
 # ---- the benchmark -------------------------------------------------------------------------------------------
