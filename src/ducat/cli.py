@@ -172,7 +172,9 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--norm", choices=("Linf", "L2"),
                         help="threat model (default: the run's training attack norm, else Linf)")
     parser.add_argument("--n-examples", type=int, help="evaluate the first N test examples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=500,
+                        help="examples per attack batch (default: 500; AutoAttack's iterations run per batch, "
+                             "so fewer batches cost less)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(ATTACK_NAMES)} (default: all)")
     parser.add_argument("--protocols", help="comma-separated subset of: "

@@ -97,7 +97,7 @@ class EvalSettings:
     attacks: tuple[str, ...] = ATTACK_NAMES
     protocols: tuple[Protocol, ...] = tuple(Protocol)
     n_examples: int | None = None
-    batch_size: int = 256
+    batch_size: int = 500
     seed: int = 0
     early_stop: bool = True
     step_size: float | None = None
