@@ -90,13 +90,13 @@ SCALES = {
         "mini", "cpu-fmnist-small_cnn",
         ("model.name=mlp", "data.n_train=20000", "validation.n_examples=1000"),
         epochs=10, milestones=(7, 9), start_epoch=8, seeds=3, eval_examples=500,
-        eval_attacks=("pgd10", "pgd100", "autoattack", "dawa", "logsumexp", "margin", "targeted", "eps-sweep"),
+        eval_attacks=ATTACK_NAMES,
         ablations={"start_epoch": (6, 9), "beta1": (0.5, 1.0), "beta2": (0.5, 0.75), "alpha": (0.3, 0.7)},
         n_targets=3, margin_restarts=1, tsne_examples=400, transfer_examples=500,
         cuts="the model is ducat's MLP (input pooled to 8x8, two hidden layers of 256) instead of the small CNN: "
-             "standard AutoAttack under both protocols on 500 examples for 30 runs costs about 40 s a run with it "
-             "and several minutes with the CNN; 20000 training images; AutoAttack with logsumexp-merged gradients "
-             "is left out (PGD-100 with them stays)"),
+             "the three standard AutoAttacks of a DUCAT run's evaluation on 500 examples cost under a minute with "
+             "it and several minutes with the CNN, for 30 runs; 20000 training images; the targeted margin attack "
+             "aims at the top 3 classes (not 9) and the margin attack has 1 restart (not 2)"),
     "full-cpu": Scale(
         "full-cpu", "cpu-fmnist-small_cnn", ("model.name=mlp", "validation.n_examples=2000"),
         epochs=30, milestones=(23, 24), start_epoch=24, seeds=3, eval_examples=1000,
