@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
     p.add_argument("--scale", required=True, choices=tuple(SCALES),
-                   help="smoke: digits, every piece, ~2 min; mini: Fashion-MNIST, 3 seeds, 75 min on 2 idle CPU "
-                        "cores (measured); full-cpu: full Fashion-MNIST, ~7-8 h (estimated); paper: the CIFAR-10 "
+                   help="smoke: digits, every piece, ~2 min; mini: Fashion-MNIST, 3 seeds, 43 min on 2 idle CPU "
+                        "cores (measured); full-cpu: full Fashion-MNIST, ~4-4.5 h (estimated); paper: the CIFAR-10 "
                         "recipe, GPUs")
     p.add_argument("--out", required=True, help="output directory (a rerun skips finished runs)")
     p.add_argument("--data-root", help="dataset root (CIFAR/Tiny-ImageNet files; Fashion-MNIST optional)")

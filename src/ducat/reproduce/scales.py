@@ -104,8 +104,8 @@ SCALES = {
         ablations={"start_epoch": (20, 26), "beta1": (0.5, 1.0), "beta2": (0.5, 0.75), "alpha": (0.3, 0.7)},
         n_targets=9, margin_restarts=2, tsne_examples=1000, transfer_examples=1000,
         cuts="the model is ducat's MLP (input pooled to 8x8, two hidden layers of 256), as at scale mini, so that "
-             "the grid fits a night on 2 cores: ducat's cost model puts its training at about 5 h, against about "
-             "41 h with the small CNN"),
+             "the grid fits an evening on 2 cores: its training is about 3 h scaled from mini's measured times, "
+             "against about 41 h with the small CNN by ducat's cost model"),
     "paper": Scale(
         "paper", "paper-cifar10-resnet18", (),
         epochs=130, milestones=(100, 105), start_epoch=105, seeds=3, eval_examples=10000,
