@@ -6,6 +6,7 @@ alike, and prints the median epoch time after the first (warm-up) epoch, the ove
 bar chart rendered by ``ducat.analysis.training_time_bars``. Run it on an otherwise idle machine.
 
     python benchmarks/ducat_overhead.py --n-train 4000 --epochs 3 --out /tmp/overhead
+    python benchmarks/ducat_overhead.py --n-train 20000 --epochs 4 --model mlp --out /tmp/overhead-mlp
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from ducat import analysis
-from ducat.reproduce import METHOD_LABELS, METHODS
+from ducat.objectives import METHODS
 
 
 def epoch_times(run_dir: Path) -> list[float]:
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=4000, help="training images per epoch")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is warm-up")
     parser.add_argument("--out", type=Path, required=True, help="directory for the runs and the figure")
+    parser.add_argument("--model", help="a ducat model name instead of the presets' small_cnn (e.g. mlp, as in mini)")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be >= 2 (the first epoch is warm-up)")
@@ -40,19 +42,20 @@ def main() -> None:
     times: dict[str, dict[str, float]] = {}
     started = time.perf_counter()
     for method in METHODS:
-        times[METHOD_LABELS[method]] = {}
+        times[METHODS[method].label] = {}
         for variant, preset, extra in (("base", f"cpu-fmnist-small_cnn-{method}", []),
                                        ("ducat", f"cpu-fmnist-small_cnn-{method}-ducat", ["ducat.start_epoch=1"])):
             run_dir = args.out / f"{method}-{variant}"
             if not (run_dir / "summary.json").is_file():
                 command = [sys.executable, "-m", "ducat", "train", preset, f"run.out={run_dir}",
                            f"data.n_train={args.n_train}", f"optim.epochs={args.epochs}",
-                           f"optim.milestones=[{args.epochs + 1}]", "validation.n_examples=100", *extra]
+                           f"optim.milestones=[{args.epochs + 1}]", "validation.n_examples=100", *extra,
+                           *([f"model.name={args.model}"] if args.model else [])]
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
             steady = epoch_times(run_dir)[1:]
-            times[METHOD_LABELS[method]][variant] = statistics.median(steady)
+            times[METHODS[method].label][variant] = statistics.median(steady)
             listed = ", ".join(f"{t:.1f}" for t in steady)
-            print(f"{METHOD_LABELS[method]:>15} {variant:>5}: {listed} s/epoch (after warm-up)")
+            print(f"{METHODS[method].label:>15} {variant:>5}: {listed} s/epoch (after warm-up)")
     print("\n| method | base s/epoch | DUCAT s/epoch | overhead |\n|---|---|---|---|")
     for method, t in times.items():
         print(f"| {method} | {t['base']:.1f} | {t['ducat']:.1f} | {100 * (t['ducat'] / t['base'] - 1):+.0f}% |")
