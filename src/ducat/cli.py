@@ -165,16 +165,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ducat.eval.plan import ATTACK_NAMES, Protocol
+    from ducat.eval.plan import ATTACK_NAMES, EvalSettings, Protocol
 
     parser.add_argument("target", help="run directory or checkpoint (.pt or .safetensors)")
     parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
     parser.add_argument("--norm", choices=("Linf", "L2"),
                         help="threat model (default: the run's training attack norm, else Linf)")
     parser.add_argument("--n-examples", type=int, help="evaluate the first N test examples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=500,
-                        help="examples per attack batch (default: 500; AutoAttack's iterations run per batch, "
-                             "so fewer batches cost less)")
+    parser.add_argument("--batch-size", type=int, default=EvalSettings.batch_size,
+                        help="examples per attack batch (default: %(default)s; AutoAttack's iterations run per "
+                             "batch, so fewer batches cost less)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(ATTACK_NAMES)} (default: all)")
     parser.add_argument("--protocols", help="comma-separated subset of: "
