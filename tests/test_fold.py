@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ducat.attacks import PGD
+from ducat.attacks import PGD, eval_mode
 from ducat.attacks.fold import FoldedView, FoldError, folded
 from ducat.dummy import OriginalLogits, widen_model
 from ducat.models import MODEL_NAMES, build_model
@@ -152,3 +152,33 @@ def test_view_mode_switches_do_not_reach_the_model():
     fv.eval()
     assert model.training
     assert list(fv.parameters()) == []
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18"])
+@pytest.mark.parametrize("training", [False, True])
+def test_a_view_of_a_wrapper_computes_eval_mode_and_leaves_every_mode_as_it_was(name, training):
+    """Regression: ``model.projected()`` is a new module in train mode; its folded view used to restore that mode
+    over the whole model after each call, so an evaluation scored every later attack with batch statistics
+    (and moved the running statistics)."""
+    model, x = trained_like(name)
+    model.train(training)
+    want, _ = reference(model.projected("max"), model, x)
+    before = snapshot(model)
+    fv = FoldedView(model.projected("max"))
+    with torch.no_grad():
+        got = fv(x)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max())
+    assert all(m.training == training for m in model.modules())
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_eval_mode_gives_every_module_back_its_own_mode():
+    model, x = trained_like("small_cnn")
+    frozen = model.net.net.features[1]  # a BatchNorm kept in eval mode while the rest trains
+    frozen.eval()
+    wrapper = model.projected("max")  # a new module: in train mode, around a model in mixed modes
+    with eval_mode(wrapper):
+        assert not any(m.training for m in wrapper.modules())
+    assert wrapper.training and model.training and not frozen.training
+    assert all(m.training for m in model.modules() if m is not frozen)

@@ -180,3 +180,21 @@ def test_a_fork_is_refused_where_it_would_not_be_exact(tmp_path):
     with pytest.raises(RunError, match="not before"):
         fork_run(tmp_path / "trunk" / "epoch_3.pt", too_late)  # epoch 3 would already be DUCAT in this run
     assert not (tmp_path / "a").exists() and not (tmp_path / "b" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_validation_and_evaluation_leave_the_weights_statistics_and_modes_as_they_were(tmp_path, training):
+    """Regression: validation's attack view used to switch the whole model to train mode after its first call,
+    so the clean-vs-adversarial scoring ran with batch statistics and moved BatchNorm's running statistics
+    (on a small_cnn: a leak of validation data into the trained model)."""
+    from ducat.eval import EvalSettings, evaluate
+    from ducat.train.validate import validate_model
+
+    trainer = Trainer(tiny_config(tmp_path, epochs=1), log=lambda s: None)
+    model = trainer.model.train(training)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    validate_model(model, trainer.val_data, trainer.config)
+    x, y = trainer.val_data.images[:16].float() / 255, trainer.val_data.labels[:16]
+    evaluate(model, x, y, EvalSettings(eps=0.1, attacks=("pgd10", "margin"), workers=1), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(m.training == training for m in model.modules())

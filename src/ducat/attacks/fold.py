@@ -19,8 +19,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ducat.attacks.pgd import eval_mode
-
 
 class FoldError(TypeError):
     """The module cannot be traced by ``torch.fx`` (data-dependent control flow, ...)."""
@@ -69,6 +67,8 @@ class FoldedView(nn.Module):
             self._rewrite(graph_module, conv_node, bn_node)
         graph_module.graph.lint()
         graph_module.recompile()
+        self._layers = [graph_module.get_submodule(node.target) for node in graph_module.graph.nodes
+                        if node.op == "call_module"]  # leaf layers: their own mode is their only mode
         self.refresh()
 
     def _rewrite(self, gm: fx.GraphModule, conv_node: fx.Node, bn_node: fx.Node) -> None:
@@ -102,9 +102,16 @@ class FoldedView(nn.Module):
             setattr(graph_module, f"{name}_bias", bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        module, graph_module = self._held
-        with eval_mode(module):  # unfolded BatchNorms (pre-activation nets) use running statistics
-            return graph_module(x)
+        """The eval-mode function: a layer the graph calls that is in train mode (an unfolded BatchNorm of a
+        pre-activation net inside a training model) runs in eval mode for this call, and only that layer."""
+        training = [layer for layer in self._layers if layer.training]
+        for layer in training:
+            layer.training = False
+        try:
+            return self._held[1](x)
+        finally:
+            for layer in training:
+                layer.training = True
 
 
 def folded(module: nn.Module) -> nn.Module:

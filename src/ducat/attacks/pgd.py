@@ -51,14 +51,18 @@ def _loss_fn(loss: LossName | LossFn) -> LossFn:
 
 @contextmanager
 def eval_mode(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Put ``model`` in eval mode (BatchNorm uses running statistics) for the block, then restore."""
-    was_training = model.training
+    """Put ``model`` in eval mode (BatchNorm uses running statistics) for the block, then give every
+    submodule back its own mode (``model.train(was)`` would impose the root's mode on all of them: a view
+    such as ``model.projected()`` is a new module in train mode, and a frozen BatchNorm is in eval mode
+    inside a training model)."""
+    modes = [(module, module.training) for module in model.modules()] if enabled else []
     if enabled:
         model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
