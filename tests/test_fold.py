@@ -127,8 +127,8 @@ def test_pgd_on_the_folded_view_finds_the_same_adversarial_examples():
 
 
 def test_nothing_to_fold_or_untraceable_returns_the_module():
-    model, _ = trained_like("mlp")
-    assert folded(model) is model
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    assert folded(plain) is plain
 
     class Dynamic(nn.Module):
         def __init__(self):
@@ -152,6 +152,44 @@ def test_view_mode_switches_do_not_reach_the_model():
     fv.eval()
     assert model.training
     assert list(fv.parameters()) == []
+
+
+@pytest.mark.parametrize("size", [4, 8, 12, 16, 28])
+def test_pooling_folds_into_the_linear_after_it_only_for_maps_smaller_than_the_pooled_one(size):
+    """small_cnn pools its last map to 4x4: from 1x1, 2x2 and 3x3 maps (4, 8 and 12 pixels) the pooling is folded
+    into fc 512 -> 512 (same logits and input gradients); from 4x4 and 7x7 maps the original path runs."""
+    model, _ = trained_like("small_cnn")
+    model.eval()
+    x = torch.rand(3, 1, size, size)
+    for view in (model, model.projected("max")):
+        fv = FoldedView(view)
+        assert fv.pooled == [next(n for n, m in view.named_modules() if m is model.net.net.hidden[0])]
+        want, want_grad = reference(view, model, x)
+        xg = x.clone().requires_grad_(True)
+        got = fv(xg)
+        (grad,) = torch.autograd.grad(got.square().sum(), xg)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5 * want.abs().max()), (got - want).abs().max()
+        assert torch.allclose(grad, want_grad, rtol=1e-3, atol=1e-5 * want_grad.abs().max())
+        pooled = fv._held[1].get_submodule("_pooled0")
+        cells = (size // 4) ** 2
+        assert list(pooled._weights) == ([(size // 4, size // 4)] if cells < 16 else [])
+        for weight in pooled._weights.values():
+            assert weight.shape == (512, 32 * cells)  # fc's 512 inputs cut to the map's cells
+
+
+def test_refresh_follows_the_linear_weights_of_a_folded_pooling():
+    model, _ = trained_like("small_cnn")
+    model.eval()
+    fv, x = FoldedView(model), torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        fv(x)
+        model.net.net.hidden[0].weight.mul_(1.5)
+        want = model(x)
+        stale = fv(x)
+        fv.refresh()
+        fresh = fv(x)
+    assert (stale - want).abs().max() > 1e-3
+    assert torch.allclose(fresh, want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "preact_resnet18"])

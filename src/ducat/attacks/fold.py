@@ -1,5 +1,8 @@
 """BatchNorm folding for attacks on eval-mode models: the same function, fewer and cheaper operators.
 
+Also folded: adaptive average pooling into the linear layer after it (:class:`PooledLinear`), for an input
+map smaller than the pooled one, where the pooling only replicates cells (small_cnn on 8x8 digits).
+
 In eval mode a BatchNorm that directly follows a convolution is an affine map per channel, so it can be
 folded into that convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``). PGD
 runs 10 forward and backward passes per training step through the model in eval mode; without the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.utils import _pair
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
@@ -42,6 +46,61 @@ def foldable_pairs(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
     return pairs
 
 
+def pooled_linears(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """(pool, flatten, linear) node triples ``linear(torch.flatten(adaptive_avg_pool2d(x), 1))`` where each of
+    the first two nodes has that one user."""
+    modules = dict(graph_module.named_modules())
+    triples = []
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.Linear) or len(node.args) != 1:
+            continue
+        flat = node.args[0]
+        if not (isinstance(flat, fx.Node) and flat.op == "call_function" and flat.target is torch.flatten
+                and flat.args[1:] == (1,) and not flat.kwargs and len(flat.users) == 1):
+            continue
+        pool = flat.args[0]
+        if (isinstance(pool, fx.Node) and pool.op == "call_module" and len(pool.users) == 1
+                and isinstance(modules[pool.target], nn.AdaptiveAvgPool2d)):
+            triples.append((pool, flat, node))
+    return triples
+
+
+class PooledLinear(nn.Module):
+    """``linear(torch.flatten(adaptive_avg_pool2d(x, size), 1))`` for ``x`` ``(B, C, H, W)``, computed as one
+    linear map of ``torch.flatten(x, 1)`` when H x W is smaller than the pooled size: the pooling then only
+    replicates or averages cells, and folding it into the weight divides the layer's multiply-adds by
+    ``size`` cells / (H x W) (4 for small_cnn on 8x8 digits, a 2x2 map pooled to 4x4). The same function
+    to float rounding. Other inputs take the original path. ``linear`` is the live layer; call
+    :meth:`refresh` after its weights change."""
+
+    def __init__(self, size: int | tuple[int, int], linear: nn.Linear):
+        super().__init__()
+        self.size, self._held = _pair(size), (linear,)  # held, not registered: the view owns no parameters
+        self._weights: dict[tuple[int, int], torch.Tensor] = {}
+
+    def refresh(self) -> None:
+        self._weights.clear()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (linear,), (h, w) = self._held, x.shape[-2:]
+        cells = self.size[0] * self.size[1]
+        if h * w >= cells or linear.in_features != x.shape[1] * cells:
+            return linear(torch.flatten(F.adaptive_avg_pool2d(x, self.size), 1))
+        if (h, w) not in self._weights:
+            self._weights[(h, w)] = self._fold(linear, h, w)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return F.linear(torch.flatten(x, 1), self._weights[(h, w)], bias)
+
+    @torch.no_grad()
+    def _fold(self, linear: nn.Linear, h: int, w: int) -> torch.Tensor:
+        """The weight ``(out, C x h x w)`` of the pooling followed by ``linear``, from the pooling of each cell."""
+        weight = linear.weight.detach()
+        basis = torch.eye(h * w, dtype=weight.dtype, device=weight.device).view(h * w, 1, h, w)
+        pooling = F.adaptive_avg_pool2d(basis, self.size).flatten(1)  # (h*w, cells): the share of each cell
+        per_channel = weight.view(weight.shape[0], -1, pooling.shape[1])  # (out, C, cells)
+        return (per_channel @ pooling.T).flatten(1)
+
+
 class FoldedView(nn.Module):
     """``module`` in eval mode with its conv-BatchNorm pairs folded: same logits (to float rounding).
 
@@ -49,7 +108,8 @@ class FoldedView(nn.Module):
     ``projected()`` or ``OriginalLogits`` view, a plain classifier). Inputs and outputs as ``module``.
     The view shares every other layer with ``module`` (live weights) and holds only the folded
     weights, computed by :meth:`refresh` -- call it after every change of the weights or running
-    statistics (every training step). ``folded`` names the convolutions that absorbed a BatchNorm.
+    statistics (every training step). ``folded`` names the convolutions that absorbed a BatchNorm,
+    ``pooled`` the linear layers that may absorb the adaptive pooling before them (:class:`PooledLinear`).
     Raises :class:`FoldError` when ``module`` cannot be traced.
     """
 
@@ -65,6 +125,9 @@ class FoldedView(nn.Module):
         self.folded: list[str] = []
         for conv_node, bn_node in foldable_pairs(graph_module):
             self._rewrite(graph_module, conv_node, bn_node)
+        self.pooled: list[str] = []
+        for pool_node, flat_node, linear_node in pooled_linears(graph_module):
+            self._pool_into_linear(graph_module, pool_node, flat_node, linear_node)
         graph_module.graph.lint()
         graph_module.recompile()
         self._layers = [graph_module.get_submodule(node.target) for node in graph_module.graph.nodes
@@ -87,10 +150,25 @@ class FoldedView(nn.Module):
         self.sources.append((conv, bn, name))
         self.folded.append(str(conv_node.target))
 
+    def _pool_into_linear(self, gm: fx.GraphModule, pool_node: fx.Node, flat_node: fx.Node,
+                          linear_node: fx.Node) -> None:
+        """Replace ``linear(flatten(pool(x), 1))`` by a :class:`PooledLinear` call in the graph."""
+        name = f"_pooled{len(self.pooled)}"
+        gm.add_submodule(name, PooledLinear(gm.get_submodule(pool_node.target).output_size,
+                                            gm.get_submodule(linear_node.target)))
+        with gm.graph.inserting_before(linear_node):
+            fused = gm.graph.call_module(name, (pool_node.args[0],))
+        linear_node.replace_all_uses_with(fused)
+        for node in (linear_node, flat_node, pool_node):
+            gm.graph.erase_node(node)
+        self.pooled.append(str(linear_node.target))
+
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the folded weights from the live conv weights and BatchNorm statistics."""
+        """Recompute the folded weights from the live conv and linear weights and BatchNorm statistics."""
         graph_module = self._held[1]
+        for name in range(len(self.pooled)):
+            graph_module.get_submodule(f"_pooled{name}").refresh()
         for conv, bn, name in self.sources:
             weight, bias = fuse_conv_bn_weights(
                 conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), bn.running_mean,
@@ -122,4 +200,4 @@ def folded(module: nn.Module) -> nn.Module:
         view = FoldedView(module)
     except FoldError:
         return module
-    return view if view.folded else module
+    return view if view.folded or view.pooled else module
