@@ -158,6 +158,11 @@ def test_digits_shapes_and_fixed_split():
     full = np.rint(load_digits().images * 255 / 16).astype(np.uint8)
     both = torch.cat([train.images, test.images]).flatten(1).numpy()
     assert sorted(map(bytes, both)) == sorted(map(bytes, full.reshape(len(full), -1)))
+    # read from scikit-learn's file without importing it: the same images and labels, in the same order
+    order = np.random.RandomState(0).permutation(len(full))
+    digits = load_digits()
+    assert np.array_equal(both, full.reshape(len(full), -1)[order])
+    assert np.array_equal(torch.cat([train.labels, test.labels]).numpy(), digits.target[order])
 
 
 # ---- CIFAR -------------------------------------------------------------------------------------

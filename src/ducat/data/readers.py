@@ -3,7 +3,7 @@
 Nothing is ever synthesised: a missing or malformed file raises :class:`DataError` naming the
 path(s) searched or the bad file, and how to obtain the data.
 
-* ``digits``: scikit-learn's ``load_digits()`` (1797 8x8 images, values 0..16, scaled to uint8 with
+* ``digits``: scikit-learn's digits (``load_digits()``'s file; 1797 8x8 images, values 0..16, scaled to uint8 with
   ``round(v * 255 / 16)``). ``root`` is ignored. The train/test split is fixed: the indices are
   permuted with ``numpy.random.RandomState(0)`` (the legacy generator, whose stream numpy keeps
   stable across versions); the first 1437 (80%) are train, the remaining 360 test.
@@ -48,13 +48,28 @@ def load_split(name: str, root: str | Path | None, train: bool) -> TensorData:
 
 # ---- digits ------------------------------------------------------------------------------------
 def _load_digits(root: Path | None, train: bool) -> TensorData:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    values, labels = _digits_csv()
+    images = np.rint(values.reshape(-1, 1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)  # (1797, 1, 8, 8)
     order = np.random.RandomState(0).permutation(len(images))
     idx = order[:DIGITS_TRAIN_SIZE] if train else order[DIGITS_TRAIN_SIZE:]
-    return tensor_data(images[idx], digits.target[idx])
+    return tensor_data(images[idx], labels[idx])
+
+
+def _digits_csv() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits, ``(1797, 64)`` values 0..16 and ``(1797,)`` labels, read from the file it ships
+    (``sklearn/datasets/data/digits.csv.gz``, one row of 64 pixels and the label per image) without importing
+    scikit-learn, which takes about a second; through ``load_digits()`` if that file is not where it was."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        return digits.data, digits.target
+    table = np.loadtxt(io.BytesIO(_read_bytes(path)), delimiter=",", dtype=np.float64)
+    return table[:, :-1], table[:, -1].astype(np.int64)
 
 
 # ---- Fashion-MNIST (idx files) -----------------------------------------------------------------

@@ -21,11 +21,8 @@ from ducat.config import ConfigError, TrainConfig
 from ducat.data import load_split
 from ducat.fileio import RunLock, atomic_write_bytes
 from ducat.provenance import provenance, source_digest
-from ducat.reproduce.figures import draw
 from ducat.reproduce.grid import GridRun, plan, run_config, train_run
-from ducat.reproduce.results import collect, evaluate_runs
 from ducat.reproduce.scales import SCALES, VARIANTS, Scale, get_scale
-from ducat.reproduce.text import report_markdown
 
 __all__ = ["SCALES", "VARIANTS", "GridRun", "Scale", "get_scale", "plan", "reproduce", "run_config"]
 
@@ -66,6 +63,11 @@ def reproduce(scale_name: str, out: Path, data_root: str | None = None, seeds: i
 def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, TrainConfig], out: Path,
                       data_root: str | None, nproc: int, log: Callable[[str], None]) -> Path:
     """The body of :func:`reproduce`, run while holding the lock of ``out``."""
+    # the report's stages load matplotlib and scipy: imported here, not by every command that reads the scales
+    from ducat.reproduce.figures import draw
+    from ducat.reproduce.results import collect, evaluate_runs
+    from ducat.reproduce.text import report_markdown
+
     expected = manifest(scale)
     check_manifest(out, expected)
     out.mkdir(parents=True, exist_ok=True)
