@@ -70,7 +70,7 @@ def test_autoattack_equals_pyautoattack_called_directly():
     from pyautoattack import AutoAttack
 
     model, x, y = _train_tiny_plain()
-    report = evaluate(model, x, y, EvalSettings(eps=0.08, attacks=("autoattack",), seed=3), progress=False)
+    report = evaluate(model, x, y, EvalSettings(eps=0.08, attacks=("autoattack",), seed=3, workers=1), progress=False)
     x_adv, _ = AutoAttack(model, eps=0.08, norm="Linf", seed=3, version="standard").run_standard_evaluation(
         x, y, batch_size=256)
     with torch.no_grad():

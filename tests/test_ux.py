@@ -568,7 +568,8 @@ def test_l2_evaluation_attacks_in_the_l2_ball_under_both_protocols(monkeypatch):
 
     monkeypatch.setattr(eval_attacks, "PGD", RecordingPGD)
     model, x, y = _tiny_ducat_model()
-    report = evaluate(model, x, y, EvalSettings(eps=0.5, norm="L2", attacks=("pgd10",)), progress=False)
+    report = evaluate(model, x, y, EvalSettings(eps=0.5, norm="L2", attacks=("pgd10",), workers=1),
+                      progress=False)  # one process: the recording happens here
     assert {r["id"] for r in report.results} == {"paper-pgd10", "adaptive-pgd10"}
     assert crafted and all(norm == "L2" and size <= 0.5 + 1e-5 for norm, size in crafted)
     assert report.worst_case["robust_accuracy"] <= min(report.accuracy("paper-pgd10"),
@@ -590,8 +591,8 @@ def test_l2_evaluation_runs_pgd_and_autoattack_l2_under_both_protocols(monkeypat
 
     monkeypatch.setattr(pyautoattack, "AutoAttack", RecordingAutoAttack)
     model, x, y = _tiny_ducat_model()
-    report = evaluate(model, x[:16], y[:16], EvalSettings(eps=0.5, norm="L2", attacks=("pgd10", "autoattack")),
-                      progress=False)
+    settings = EvalSettings(eps=0.5, norm="L2", attacks=("pgd10", "autoattack"), workers=1)  # recorded here
+    report = evaluate(model, x[:16], y[:16], settings, progress=False)
     ids = {r["id"] for r in report.results}
     assert ids == {"paper-pgd10", "paper-autoattack", "raw-autoattack", "adaptive-pgd10", "adaptive-autoattack"}
     assert report.norm == "L2" and norms == ["L2", "L2"]  # AutoAttack on the raw 2C logits and on the projection

@@ -173,8 +173,13 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threat model (default: the run's training attack norm, else Linf)")
     parser.add_argument("--n-examples", type=int, help="evaluate the first N test examples (default: all)")
     parser.add_argument("--batch-size", type=int, default=EvalSettings.batch_size,
-                        help="examples per attack batch (default: %(default)s; AutoAttack's iterations run per "
+                        help="most examples per attack batch (default: %(default)s; AutoAttack's iterations run per "
                              "batch, so fewer batches cost less)")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="processes that attack batches in parallel, each batch its own (default: one "
+                             "single-threaded worker per thread on a Linux CPU, else 1); each attack runs in at "
+                             "least N batches, and random starts are drawn per batch, so give the same N to "
+                             "reproduce a report exactly")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(ATTACK_NAMES)} (default: all)")
     parser.add_argument("--protocols", help="comma-separated subset of: "

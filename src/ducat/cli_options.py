@@ -59,14 +59,16 @@ def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> di
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.n_examples is not None and args.n_examples < 1:
         raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     if not -2**63 <= args.seed < 2**63:
         raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.out:
         check_output_dir(Path(args.out), "--out")
-    settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "seed": args.seed,
-                "early_stop": not args.no_early_stop, "norm": eval_norm(args)}
+    settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "workers": args.workers,
+                "seed": args.seed, "early_stop": not args.no_early_stop, "norm": eval_norm(args)}
     if args.fast:
         settings["attacks"] = fast_attacks
     if args.attacks:

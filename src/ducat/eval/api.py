@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from ducat.dummy import DummyClassModel
 from ducat.eval.plan import EvalSettings, build_plan
 from ducat.eval.report import EvalReport, build_report, write_report
 from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan, tensor_digest
+from ducat.eval.workers import can_fork, default_workers
 from ducat.provenance import file_sha256, provenance
 from ducat.runtime import channels_last_faster
 
@@ -32,6 +35,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalS
     start = time.perf_counter()
     if settings.n_examples is not None:
         x, y = x[:settings.n_examples], y[:settings.n_examples]
+    settings = resolve_workers(settings, x.device)
     is_dummy = isinstance(model, DummyClassModel)
     plan = build_plan(settings, is_dummy)
     cache = ResultCache(None if cache_dir is None else Path(cache_dir), run_fingerprint(model, x, y, settings), len(y))
@@ -41,6 +45,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalS
     report = build_report(plan, outcome, y.cpu().numpy(), settings, dummy_index, time.perf_counter() - start)
     report.provenance = provenance or {}
     return report
+
+
+def resolve_workers(settings: EvalSettings, device: torch.device) -> EvalSettings:
+    """``settings`` with its number of worker processes decided (:func:`~ducat.eval.workers.default_workers`);
+    more than one needs a CPU run on Linux."""
+    if settings.workers is None:
+        return replace(settings, workers=default_workers(device))
+    if settings.workers > 1 and not can_fork(device):
+        raise ConfigError(f"{settings.workers} evaluation workers need a CPU run on Linux (this one: "
+                          f"{device.type} on {sys.platform}); use 1")
+    return settings
 
 
 def load_target(target: Path, dataset: str | None = None,
@@ -83,7 +98,8 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
     from ducat.runs import select_device
 
     target = Path(target)
-    EvalSettings(eps=eps or 1.0, **(settings or {}))  # names and values checked before any loading
+    dev = select_device(device)
+    resolve_workers(EvalSettings(eps=eps or 1.0, **(settings or {})), dev)  # checked before any loading
     if dataset is not None:
         dataset_info(dataset)
     model, dataset, train_eps, facts = load_target(target, dataset, model_name)
@@ -93,7 +109,6 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
     config = EvalSettings(eps=eps, **(settings or {}))
     test = load_split(dataset, data_root, train=False)
     n = len(test) if config.n_examples is None else min(config.n_examples, len(test))
-    dev = select_device(device)
     x, y = (test.images[:n].float() / 255).to(dev), test.labels[:n].to(dev)
     model = model.to(dev)
     if channels_last_faster(model, dev):  # the model is ours here, its layout free to choose

@@ -149,8 +149,12 @@ def dawa() -> Factory:
     return factory
 
 
-def autoattack(view: View) -> Factory:
-    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000) from ``pyautoattack`` on ``view``.
+WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t")  # standard AutoAttack without Square, the one attack that uses no gradient
+
+
+def autoattack(view: View, white_box: bool = False) -> Factory:
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000) from ``pyautoattack`` on ``view``; with
+    ``white_box`` its gradient attacks alone (:data:`WHITE_BOX`, standard parameters).
 
     Seeded with the evaluation's own ``seed`` (not a derived one), so that on a plain model the result
     equals calling pyautoattack with that seed."""
@@ -160,6 +164,8 @@ def autoattack(view: View) -> Factory:
         def craft(x, y, seed):
             aa = AutoAttack(ctx.views[view], eps=ctx.eps, norm=ctx.settings.norm, seed=ctx.settings.seed,
                             version="standard", device=x.device)
+            if white_box:
+                aa.attacks_to_run = list(WHITE_BOX)
             handler = _ListHandler(ctx.log)
             aa.logger.addHandler(handler)
             aa.logger.setLevel(logging.DEBUG)

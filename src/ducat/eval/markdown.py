@@ -20,7 +20,8 @@ def report_markdown(report: "EvalReport") -> str:
     s = report.settings
     radius = f"{'L-inf' if report.norm == 'Linf' else report.norm} eps = {report.epsilon:.5g}"
     lines = [f"Robust accuracy (%) of the deployed classifier, {radius}, first {report.n_examples} test "
-             f"examples, seed {s['seed']}, batch size {s['batch_size']}.", ""]
+             f"examples, seed {s['seed']}, batches of at most {s['batch_size']} examples, at least one per worker "
+             f"({s['workers']} worker{'s' if s['workers'] != 1 else ''}).", ""]
     if not report.dummy_classes:
         lines += ["The model has no dummy classes: the protocols coincide and ran once.", ""]
     lines += _table(report) + [""] + _legend(report)

@@ -90,7 +90,12 @@ SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 @dataclass(frozen=True)
 class EvalSettings:
     """What to run. ``eps`` is the radius in [0,1] pixel units for ``norm`` (L-inf or L2);
-    ``step_size`` defaults to eps/4. ``attacks`` selects by :data:`ATTACK_NAMES`."""
+    ``step_size`` defaults to eps/4. ``attacks`` selects by :data:`ATTACK_NAMES`.
+
+    Each attack splits the examples it attacks into near-equal batches of at most ``batch_size``, and
+    into at least ``workers`` of them, which that many processes attack in parallel
+    (:mod:`ducat.eval.workers`; None: one single-threaded worker per torch thread on a Linux CPU, else
+    1). Random starts are drawn per batch, so results depend on both (and on ``seed``)."""
 
     eps: float
     norm: Norm = "Linf"
@@ -98,6 +103,7 @@ class EvalSettings:
     protocols: tuple[Protocol, ...] = tuple(Protocol)
     n_examples: int | None = None
     batch_size: int = 500
+    workers: int | None = None
     seed: int = 0
     early_stop: bool = True
     step_size: float | None = None
@@ -120,6 +126,8 @@ class EvalSettings:
             raise ConfigError(f"{exc}; choose from: {', '.join(p.value for p in Protocol)}") from None
         if self.batch_size < 1 or (self.n_examples is not None and self.n_examples < 1):
             raise ConfigError("batch size and n_examples must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers}")
         if self.margin_restarts < 1 or self.n_targets < 1 or self.dawa_steps < 1:
             raise ConfigError("margin_restarts, n_targets and dawa_steps must be >= 1")
         if not self.dawa_weights or not all(0.0 <= w <= 1.0 for w in self.dawa_weights):
@@ -247,8 +255,11 @@ def _cumulative(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
         plan.append(AttackSpec(AttackId.LSE_PGD100, adaptive, lse, "PGD-100, logsumexp-merged gradients",
                                a.pgd(lse, 100), scope=later, note=note))
     if is_dummy and has("logsumexp-autoattack"):
-        plan.append(AttackSpec(AttackId.LSE_AUTOATTACK, adaptive, lse, "AutoAttack, logsumexp-merged gradients",
-                               a.autoattack(lse), scope=later, note=note))
+        plan.append(AttackSpec(AttackId.LSE_AUTOATTACK, adaptive, lse,
+                               "AutoAttack's white-box attacks (APGD-CE, APGD-T, FAB-T), logsumexp-merged gradients",
+                               a.autoattack(lse, white_box=True), scope=later,
+                               note="; ".join(filter(None, [note, "no Square: it takes no gradient, and it runs on "
+                                                                  "the projected classifier in the AutoAttack row"]))))
     if has("margin"):
         plan.append(AttackSpec(AttackId.MARGIN, adaptive, projected, f"PGD-100 margin, {s.margin_restarts} restarts",
                                a.margin_restarts(), scope=later, note=note))

@@ -85,7 +85,8 @@ def build_report(plan: list[AttackSpec], outcome: Outcome, labels: np.ndarray, s
         sink_rate=_sink_rate(outcome, labels, dummy_index), eps_sweep=_sweep(plan, outcome, settings, is_dummy),
         sanity=[], settings=_settings_json(settings), dummy_classes=is_dummy, wall_time_s=wall_time_s,
         dummy_index=None if dummy_index is None else dummy_index.tolist(), masks=masks)
-    report.sanity = sanity_checks(report, outcome.logs)
+    report.sanity = sanity_checks(report, outcome.logs, {key: int(result.attacked.sum())
+                                                         for key, result in outcome.results.items()})
     return report
 
 
@@ -128,8 +129,11 @@ def _sweep(plan: list[AttackSpec], outcome: Outcome, settings: EvalSettings, is_
     return rows
 
 
-def sanity_checks(report: EvalReport, aa_logs: dict[str, list[str]]) -> list[dict[str, str]]:
-    """PASS/WARN/NOTE signals that an evaluation may be too weak (Carlini et al. 2019, Tramer et al. 2020)."""
+def sanity_checks(report: EvalReport, aa_logs: dict[str, list[str]],
+                  attacked: dict[str, int] | None = None) -> list[dict[str, str]]:
+    """PASS/WARN/NOTE signals that an evaluation may be too weak (Carlini et al. 2019, Tramer et al. 2020).
+
+    ``aa_logs``: AutoAttack's log lines by result key; ``attacked``: how many examples each result attacked."""
     checks = []
     acc = report.accuracy
     for protocol, (a10, a100) in {"paper": ("paper-pgd10", "paper-pgd100"),
@@ -146,7 +150,7 @@ def sanity_checks(report: EvalReport, aa_logs: dict[str, list[str]]) -> list[dic
             "the protocol: AutoAttack stops on an example as soon as the raw 2C argmax leaves y, also when it moves "
             "into dummy(y), which the projection then scores as correct")})
     for name, log in aa_logs.items():
-        gain = square_gain(log)
+        gain = square_gain(log, (attacked or {}).get(name, 0))
         if gain is not None:
             checks.append(_check(gain <= 0.5, f"{name}: black-box Square removed {gain:.2f} points after the "
                                               "white-box attacks (more than 0.5 suggests gradient masking)"))
@@ -165,13 +169,15 @@ def _check(ok: bool, text: str) -> dict[str, str]:
     return {"check": text, "status": "PASS" if ok else "WARN"}
 
 
-def square_gain(log: list[str]) -> float | None:
-    """Accuracy points Square (black-box) removed after the white-box attacks of one AutoAttack run."""
-    after = {m.group(1).lower(): float(m.group(2)) for m in
-             (re.search(r"robust accuracy after ([A-Z-]+): ([\d.]+)%", line) for line in log) if m}
-    if "square" not in after or "fab-t" not in after:
+def square_gain(log: list[str], attacked: int) -> float | None:
+    """Accuracy points (of the ``attacked`` examples) that Square, the black-box attack, removed after the
+    white-box attacks of one AutoAttack run, summed over its batches; None when Square did not run."""
+    broken = [int(m.group(1)) for m in (re.match(r"square - \d+/\d+ - (\d+) out of \d+ successfully perturbed",
+                                                 line) for line in log) if m]
+    ran = any(re.match(r"running square", line) for line in log)
+    if not ran or not attacked:
         return None
-    return after["fab-t"] - after["square"]
+    return 100 * sum(broken) / attacked
 
 
 def write_report(report: EvalReport, out: Path) -> None:

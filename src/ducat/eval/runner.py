@@ -2,8 +2,11 @@
 
 For every :class:`~ducat.eval.plan.AttackSpec` in order: pick the examples it attacks (its scope),
 craft adversarial inputs batch by batch with seeds derived from the spec's key, score them, and fold
-the result into the per-example worst case. Every finished attack is written to the cache, so an
-interrupted evaluation resumes where it stopped and gives the same report.
+the result into the per-example worst case. Worker processes (:mod:`ducat.eval.workers`) attack the
+batches in parallel, those of consecutive attacks on every clean-correct example at once (:func:`waves`);
+each batch's result depends only on its examples, its attack and its seed.
+Every finished attack is written to the cache, so an interrupted evaluation resumes where it stopped
+and gives the same report.
 
 A cached result is used only when everything that determines it is the same: the model's weights,
 the inputs and labels, the settings, the code (:func:`code_version`) and the spec's key; and only if
@@ -16,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,7 +34,8 @@ from torch import nn
 
 from ducat.attacks import predictions
 from ducat.eval.attacks import AttackContext, model_views
-from ducat.eval.plan import AttackSpec, EvalSettings, Scope, Scoring
+from ducat.eval.plan import AttackSpec, EvalSettings, Scope, Scoring, View
+from ducat.eval.workers import MapFn, worker_pool
 from ducat.fileio import atomic_write_bytes
 
 
@@ -140,52 +146,109 @@ def run_fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class _Shared:
+    """What every batch of the plan needs; worker processes inherit it when they are forked."""
+
+    plan: list[AttackSpec]
+    model: nn.Module
+    views: dict[View, nn.Module]
+    settings: EvalSettings
+    x: torch.Tensor
+    y: torch.Tensor
+
+
 def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
              cache: ResultCache, progress: Callable[[str, int, int], None] = lambda *a: None) -> Outcome:
-    """Run ``plan`` on ``model`` (eval mode) and ``(x, y)``: ``x`` ``(N, C, H, W)`` in [0,1], ``y`` ``(N,)``."""
+    """Run ``plan`` on ``model`` (eval mode) and ``(x, y)``: ``x`` ``(N, C, H, W)`` in [0,1], ``y`` ``(N,)``.
+
+    ``settings.workers`` (resolved, not None) processes attack the batches (:mod:`ducat.eval.workers`), the
+    batches of all the attacks of one :func:`waves` group at once."""
     projected, raw = predictions(model, x, settings.batch_size)
     clean = (projected == y).cpu().numpy()
     labels = y.cpu().numpy()
-    views = model_views(model)
     results: dict[str, AttackResult] = {}
     logs: dict[str, list[str]] = {}
     worst = clean.copy()
-    for number, spec in enumerate(plan, start=1):
-        progress(spec.key, number, len(plan))
-        if spec.rescores is not None:
-            source = results[spec.rescores.value]
-            result = AttackResult((source.raw == labels) & source.attacked, source.raw, source.projected,
-                                  source.attacked)
-        else:
-            on = worst.copy() if spec.scope is Scope.SURVIVORS else clean.copy()
-            result = cache.get(spec.key, on)
-            if result is None:
-                context = AttackContext(model, views, settings, settings.budget(spec.eps_factor),
-                                        logs.setdefault(spec.key, []))
-                result = _attack(spec, context, x, y, on)
-                cache.put(spec.key, result)
-        results[spec.key] = result
-        if spec.in_worst_case:
-            worst &= result.robust | ~clean
+    with worker_pool(settings.workers, _Shared(plan, model, model_views(model), settings, x, y)) as map_jobs:
+        for wave in waves(plan):
+            for number in wave:
+                progress(plan[number].key, number + 1, len(plan))
+            _run_wave(plan, wave, worst.copy(), clean, settings, cache, map_jobs, results, logs)
+            for number in wave:
+                spec = plan[number]
+                if spec.rescores is not None:
+                    source = results[spec.rescores.value]
+                    results[spec.key] = AttackResult((source.raw == labels) & source.attacked, source.raw,
+                                                     source.projected, source.attacked)
+                if spec.in_worst_case:
+                    worst &= results[spec.key].robust | ~clean
     return Outcome(clean, raw.cpu().numpy(), results, worst, logs)
 
 
-def _attack(spec: AttackSpec, ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, on: np.ndarray) -> AttackResult:
-    """Craft and score ``spec`` on the examples ``on``, batch by batch."""
-    n = len(y)
-    result = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64), on.copy())
-    craft = spec.factory(ctx)
-    index = np.flatnonzero(on)
-    for start in range(0, len(index), ctx.settings.batch_size):
-        batch = index[start:start + ctx.settings.batch_size]
-        idx = torch.as_tensor(batch, device=x.device)
-        x_adv = craft(x[idx], y[idx], seed_for(ctx.settings, spec, int(batch[0])))
-        _check_budget(spec, x_adv, x[idx], ctx)
-        projected, raw = predictions(ctx.model, x_adv, ctx.settings.batch_size)
-        correct = projected == y[idx] if spec.scoring is Scoring.PROJECTED else raw == y[idx]
-        result.robust[batch] = correct.cpu().numpy()
-        result.raw[batch], result.projected[batch] = raw.cpu().numpy(), projected.cpu().numpy()
-    return result
+def waves(plan: list[AttackSpec]) -> list[list[int]]:
+    """The plan's attacks (indices) in groups whose batches can run at once: consecutive attacks of every
+    clean-correct example, which do not depend on each other's results; an attack of the survivors of all
+    the attacks before it (early stopping) forms a group alone."""
+    groups: list[list[int]] = []
+    for number, spec in enumerate(plan):
+        if groups and spec.scope is Scope.CLEAN_CORRECT and plan[groups[-1][-1]].scope is Scope.CLEAN_CORRECT:
+            groups[-1].append(number)
+        else:
+            groups.append([number])
+    return groups
+
+
+def _run_wave(plan: list[AttackSpec], wave: list[int], survivors: np.ndarray, clean: np.ndarray,
+              settings: EvalSettings, cache: ResultCache, map_jobs: MapFn, results: dict[str, AttackResult],
+              logs: dict[str, list[str]]) -> None:
+    """Craft and score the attacks ``wave`` (except rescorings) into ``results``, from the cache where it has
+    them; each computed attack is cached as soon as its last batch is in, so an interruption keeps it."""
+    jobs, pending = [], {}
+    for number in wave:
+        spec = plan[number]
+        on = survivors if spec.scope is Scope.SURVIVORS else clean
+        if spec.rescores is not None or (cached := cache.get(spec.key, on)) is not None:
+            if spec.rescores is None:
+                results[spec.key] = cached
+            continue
+        n = len(on)
+        pending[number] = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64),
+                                       on.copy())
+        jobs += [(number, batch) for batch in split_batches(np.flatnonzero(on), settings.batch_size,
+                                                            settings.workers)]
+    left = Counter(number for number, _ in jobs)
+    lines: dict[int, list[str]] = {}
+    for index, (robust, raw, projected, log) in map_jobs(_attack_batch, jobs):
+        number, batch = jobs[index]
+        result = pending[number]
+        result.robust[batch], result.raw[batch], result.projected[batch], lines[index] = robust, raw, projected, log
+        left[number] -= 1
+        if not left[number]:  # complete: keep it, with its AutoAttack log lines in batch order
+            logs[plan[number].key] = [line for i, (n, _) in enumerate(jobs) if n == number for line in lines.pop(i)]
+            cache.put(plan[number].key, result)
+    for number, result in pending.items():
+        results[plan[number].key] = result
+
+
+def split_batches(index: np.ndarray, batch_size: int, workers: int) -> list[np.ndarray]:
+    """The examples ``index`` in consecutive batches of near-equal size: as few as a limit of ``batch_size``
+    per batch allows, but at least one per worker (as far as there are examples)."""
+    parts = min(len(index), max(workers, math.ceil(len(index) / batch_size)))
+    return np.array_split(index, parts) if parts else []
+
+
+def _attack_batch(shared: _Shared, job: tuple[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+    """One batch of one attack: (robust, raw and projected predictions on the adversarial inputs, log lines)."""
+    number, batch = job
+    spec, settings, x, y = shared.plan[number], shared.settings, shared.x, shared.y
+    context = AttackContext(shared.model, shared.views, settings, settings.budget(spec.eps_factor))
+    idx = torch.as_tensor(batch, device=x.device)
+    x_adv = spec.factory(context)(x[idx], y[idx], seed_for(settings, spec, int(batch[0])))
+    _check_budget(spec, x_adv, x[idx], context)
+    projected, raw = predictions(shared.model, x_adv, settings.batch_size)
+    correct = projected == y[idx] if spec.scoring is Scoring.PROJECTED else raw == y[idx]
+    return correct.cpu().numpy(), raw.cpu().numpy(), projected.cpu().numpy(), context.log
 
 
 def _check_budget(spec: AttackSpec, x_adv: torch.Tensor, x: torch.Tensor, ctx: AttackContext) -> None:
