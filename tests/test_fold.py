@@ -220,3 +220,35 @@ def test_eval_mode_gives_every_module_back_its_own_mode():
         assert not any(m.training for m in wrapper.modules())
     assert wrapper.training and model.training and not frozen.training
     assert all(m.training for m in model.modules() if m is not frozen)
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (3, 0), (5, 2), (1, 0), ((3, 5), (1, 2))])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_one_channel_convolution_has_the_input_gradient_of_f_conv2d(kernel, padding, autocast):
+    from ducat.attacks.fold import conv2d_folded
+
+    torch.manual_seed(0)
+    kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    weight, bias = torch.randn(8, 1, *kernel), torch.randn(8)
+    x, grad_out = torch.rand(5, 1, 9, 10), None
+    grads = []
+    for conv in (conv2d_folded, torch.nn.functional.conv2d):
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = conv(xg, weight, bias, (1, 1), padding, (1, 1), 1)
+        grad_out = torch.randn_like(out.float(), generator=torch.Generator().manual_seed(1)) if grad_out is None \
+            else grad_out
+        grads.append((out.float(), *torch.autograd.grad(out, xg, grad_out.to(out.dtype))))
+    (mine_out, mine), (want_out, want) = grads
+    tolerance = 0.02 * want.abs().max() if autocast else 1e-5 * want.abs().max()
+    assert torch.equal(mine_out, want_out)  # the forward is F.conv2d itself
+    assert mine.dtype == want.dtype == torch.float32 and (mine - want).abs().max() <= tolerance
+
+
+def test_the_one_channel_convolution_leaves_weights_that_need_a_gradient_to_f_conv2d():
+    from ducat.attacks.fold import conv2d_folded
+
+    weight = torch.randn(4, 1, 3, 3, requires_grad=True)
+    out = conv2d_folded(torch.rand(2, 1, 6, 6, requires_grad=True), weight, None, (1, 1), (1, 1), (1, 1), 1)
+    (grad,) = torch.autograd.grad(out.sum(), weight)
+    assert grad is not None and grad.shape == weight.shape

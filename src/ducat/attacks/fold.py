@@ -101,6 +101,38 @@ class PooledLinear(nn.Module):
         return (per_channel @ pooling.T).flatten(1)
 
 
+class _OneChannelConv(torch.autograd.Function):
+    """A stride-1 convolution of a one-channel input whose input gradient is computed as a plain convolution of the
+    output gradient with the flipped, transposed weight (C_out -> 1 channels). oneDNN's own input gradient for one
+    input channel runs 4-10x slower than that (``docs/performance.md``); it is the attack's first layer on
+    grayscale images. Only the input gets a gradient: the weight and bias are the view's detached copies."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):
+        ctx.save_for_backward(weight)
+        ctx.padding = padding
+        return F.conv2d(x, weight, bias, 1, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        (kh, kw), (ph, pw) = weight.shape[-2:], ctx.padding
+        flipped = weight.flip(2, 3).transpose(0, 1).to(grad.dtype)  # (1, C_out, kh, kw)
+        return F.conv2d(grad, flipped, None, 1, (kh - 1 - ph, kw - 1 - pw)), None, None, None
+
+
+def conv2d_folded(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                  padding: tuple[int, int], dilation: tuple[int, int], groups: int) -> torch.Tensor:
+    """``F.conv2d`` with a detached ``weight`` (the folded one), through :class:`_OneChannelConv` where that applies:
+    one input channel, stride and dilation 1, an integer padding no wider than the kernel less one."""
+    one_channel = (weight.shape[1] == 1 and groups == 1 and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+                   and not isinstance(padding, str)
+                   and all(0 <= p < k for p, k in zip(_pair(padding), weight.shape[-2:])))
+    if one_channel and x.requires_grad and not weight.requires_grad:
+        return _OneChannelConv.apply(x, weight, bias, _pair(padding))
+    return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
 class FoldedView(nn.Module):
     """``module`` in eval mode with its conv-BatchNorm pairs folded: same logits (to float rounding).
 
@@ -142,8 +174,8 @@ class FoldedView(nn.Module):
         gm.register_buffer(f"{name}_bias", torch.empty(0), persistent=False)
         with gm.graph.inserting_before(conv_node):
             weight, bias = gm.graph.get_attr(f"{name}_weight"), gm.graph.get_attr(f"{name}_bias")
-            fused = gm.graph.call_function(F.conv2d, (conv_node.args[0], weight, bias, conv.stride, conv.padding,
-                                                      conv.dilation, conv.groups))
+            fused = gm.graph.call_function(conv2d_folded, (conv_node.args[0], weight, bias, conv.stride,
+                                                           conv.padding, conv.dilation, conv.groups))
         bn_node.replace_all_uses_with(fused)
         gm.graph.erase_node(bn_node)
         gm.graph.erase_node(conv_node)
