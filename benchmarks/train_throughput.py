@@ -283,11 +283,30 @@ def worker(kind: str, args) -> None:
                 r = runners[rest[0]]
                 secs = r.epoch(int(rest[1]))
                 reply = {"secs": secs, "loss": r.last.get("train_loss"), "threads": torch.get_num_threads()}
+            elif cmd == "kernels":
+                reply = kernel_seconds(runners[rest[0]], int(rest[1]))
             else:  # matmul
                 reply = {d: matmul_gflops(d) for d in rest} | {"threads": torch.get_num_threads()}
             print(json.dumps(reply), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::addmm", "aten::mm", "aten::bmm")
+
+
+def kernel_seconds(runner, epoch: int) -> dict[str, float]:
+    """One profiled epoch: its wall time and the time spent inside the convolution and matrix-product kernels
+    (the operators that do the counted FLOPs; self time, so nothing is counted twice)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        runner.epoch(epoch)
+        secs = time.perf_counter() - t
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in KERNELS) / 1e6
+    return {"secs": secs, "kernels": kernels, "threads": torch.get_num_threads()}
 
 
 # ---- --means: one PGD step per precision, layout and folding, per model ------------------------------
@@ -466,6 +485,21 @@ def report(res: dict[str, Any], f: float, k: int, precision: dict[str, str]) -> 
     return out
 
 
+def ceiling(worker: Worker, n: int, ref_info: dict[str, Any], precision: str, mm: list[dict[str, float]]) -> None:
+    """How close to the matmul rate the defaults' step could come if every operator but the convolutions and
+    matrix products took no time: the counted FLOPs over the time of those kernels alone, as they ran in a
+    profiled epoch (the profiler slows the small operators, not these)."""
+    useful = (2 * ref_info["steps"] + 6) * ref_info["flops"] * n
+    out = worker.ask("kernels defaults 50")
+    rate = med(m[precision] for m in mm)
+    print(f"\n## ceiling: in one profiled epoch of the defaults ({out['secs']:.2f} s, {out['threads']} threads) the "
+          f"convolution and matrix-product kernels took {out['kernels']:.2f} s "
+          f"({100 * out['kernels'] / out['secs']:.0f}%)"
+          f"; the counted FLOPs over that time are {useful / out['kernels'] / 1e9:.0f} GFLOP/s = "
+          f"{100 * useful / out['kernels'] / 1e9 / rate:.0f}% of the {precision} matmul rate ({rate:.0f}): the most "
+          "any step of this model reaches with these kernels, however fast everything else")
+
+
 def print_contention(name: str, c: dict[str, Any]) -> None:
     for ph in c["phases"]:
         print(f"  {name:10s} {ph['kind']:9s}: {len(ph['times'])} epochs, mean {statistics.mean(ph['times']):.2f} s, "
@@ -522,6 +556,7 @@ def main() -> None:
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, precision["defaults"])
         table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
+        ceiling(workers["new"], args.n, workers["ref"].info, precision["defaults"], res["mm"])
         print(f"\n## contention: one competitor ({os.cpu_count()} threads of relu(a @ a)); idle, then "
               f"{args.cycles} x (contended, idle)")
         cont = {"defaults": contention(workers["new"], "defaults", 3, 6.0, args.cycles)}
