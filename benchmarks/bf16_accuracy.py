@@ -7,7 +7,10 @@ images for ``--epochs`` epochs (the preset's schedule scaled with ``--epochs``) 
 the attack, as the defaults run. It evaluates every model in fp32 with ``ducat eval`` on the same first
 ``--n-examples`` test images (``--attacks pgd10,logsumexp,margin,targeted``, both protocols), then compares,
 per seed, clean accuracy and the adaptive worst case per example with the exact McNemar test, combined over
-seeds (``ducat.reproduce.stats``: the tests ``ducat reproduce`` uses for DUCAT against its base).
+seeds (``ducat.reproduce.stats``: the tests ``ducat reproduce`` uses for DUCAT against its base), and the
+per-seed differences with a paired t-test. McNemar counts only the examples as noise: two runs trained apart
+differ per example by more than that (training is chaotic), so the t-test over seeds, whose noise is the
+runs' own variation, is the one that says whether bf16 moves the result beyond what another seed does.
 
     python benchmarks/bf16_accuracy.py --out /tmp/bf16acc               # 3 seeds, about 40 min on 2 cores
     python benchmarks/bf16_accuracy.py --out /tmp/bf16acc --seeds 5     # a rerun reuses finished runs
@@ -84,11 +87,17 @@ def main() -> None:
             cells += [f"{100 * a[measure].mean():.1f}", f"{100 * b[measure].mean():.1f}",
                       f"{t.p:.2g} ({t.only_base}/{t.only_other})"]
         print(f"| {seed} | " + " | ".join(cells) + " |")
+    from scipy import stats
+
     for measure, label in (("clean", "clean accuracy"), ("worst", "adaptive worst case")):
         diffs = [100 * t.difference for t in tests[measure]]
+        fp32 = [100 * results[seed, "fp32"][measure].mean() for seed in range(args.seeds)]
+        across = stats.ttest_1samp(diffs, 0.0).pvalue if len(diffs) > 1 else float("nan")
         print(f"\n{label}: bf16 - fp32 = {np.mean(diffs):+.2f} points on average (per seed "
-              + ", ".join(f"{d:+.1f}" for d in diffs) + f"); combined p {combined_p(tests[measure]):.2g}: "
-              f"{verdict(tests[measure])}")
+              + ", ".join(f"{d:+.1f}" for d in diffs) + f"); per example, McNemar combined over seeds: p "
+              f"{combined_p(tests[measure]):.2g} ({verdict(tests[measure])}); across seeds, paired t-test on the "
+              f"differences (the runs' own variation as the noise): p {across:.2g}; fp32 seed-to-seed standard "
+              f"deviation {np.std(fp32, ddof=1):.1f} points")
 
 
 if __name__ == "__main__":
