@@ -16,11 +16,13 @@ OpenMP runtime reads it when torch is imported):
              and OpenMP wait policy (``run.amp=off run.channels_last=off run.threads=<cores>``).
   defaults   ducat with no flags: ``Trainer(config)`` on the preset, in a process whose environment
              ``ducat.runtime.prepare_environment()`` set before torch was imported, as the CLI does. The
-             library then picks the threads (``configure_threads(None)``), bf16 autocast where
-             ``native_bf16``, channels_last where ``channels_last_faster``, and BatchNorm folding in the
-             attack (``ducat.attacks.fold``).
-  -bf16, -cl, -fold   the defaults without one of their means (same process as ``defaults``):
-             ``run.amp='off'``, ``run.channels_last='off'``, or the objective's ``fold_bn`` off.
+             library then picks the threads (``configure_threads(None)``), the training precision
+             (``ducat.train.setup.use_bf16`` of ``run.amp=auto``), channels_last where
+             ``channels_last_faster``, and BatchNorm folding in the attack (``ducat.attacks.fold``).
+  -cl, -fold  the defaults without one of their means (same process as ``defaults``):
+             ``run.channels_last='off'``, or the objective's ``fold_bn`` off.
+  +bf16      the defaults with bf16 autocast training (``run.amp=bf16``) where they train in fp32, or
+  -bf16      in fp32 (``run.amp='off'``) where they train in bf16.
 
 Measurement. Every loop trains its own model from the same seed on the first ``--n`` (256) training
 images; 2 warm-up steps each, then ``--rounds`` rounds. A round times one epoch (``--n`` / 128 steps)
@@ -75,7 +77,6 @@ from contention import (
 PRESET = "cpu-fmnist-small_cnn-pgd_at-ducat"
 BATCH = 128
 WARM_STEPS = 2
-ABLATIONS = ("-bf16", "-cl", "-fold")
 KINDS = ("ref", "ref-env", "old", "new")  # worker processes; ref-env: ref with ducat's environment
 QUIET_CORES = 0.5  # rounds with less background load (cores busy outside this benchmark) count as idle
 
@@ -210,15 +211,21 @@ def library_defaults() -> dict[str, Any]:
     """What the library picks with no flags on this CPU, for the report: precision, layout, threads."""
     import torch
 
+    from ducat.config import RunConfig
     from ducat.models import build_model
-    from ducat.runtime import channels_last_faster, native_bf16
+    from ducat.runtime import channels_last_faster
+    from ducat.train.setup import use_bf16
 
-    return {"amp": "bf16" if native_bf16("cpu") else "fp32",
+    return {"amp": "bf16" if use_bf16(RunConfig()) else "fp32",
             "cl": "on" if channels_last_faster(build_model("small_cnn", 10, 1), "cpu") else "off",
             "threads": torch.get_num_threads()}
 
 
-ABLATION_OVERRIDES = {"-bf16": ["run.amp='off'"], "-cl": ["run.channels_last='off'"], "-fold": []}
+def ablations(amp: str) -> dict[str, tuple[list[str], bool, str]]:
+    """The variants of the defaults: name -> (config overrides, BN folding, precision they train in)."""
+    precision = ("-bf16", ["run.amp='off'"], "fp32") if amp == "bf16" else ("+bf16", ["run.amp=bf16"], "bf16")
+    return {precision[0]: (precision[1], True, precision[2]),
+            "-cl": (["run.channels_last='off'"], True, amp), "-fold": ([], False, amp)}
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 3) -> float:
@@ -257,10 +264,11 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
         from ducat.train.setup import setup_runtime
 
         setup_runtime(load_config(PRESET, base).run)  # what ``train()`` does first: threads, determinism
-        runners["defaults"] = DucatLoop(base, [], True, tmp / "defaults")
-        for name in ([] if args.quick else ABLATIONS):
-            runners[name] = DucatLoop(base, ABLATION_OVERRIDES[name], name != "-fold", tmp / name)
         info.update(spec=library_defaults())
+        runners["defaults"] = DucatLoop(base, [], True, tmp / "defaults")
+        variants = {} if args.quick else ablations(info["spec"]["amp"])
+        for name, (overrides, fold, _) in variants.items():
+            runners[name] = DucatLoop(base, overrides, fold, tmp / name)
     return runners, info
 
 
@@ -399,8 +407,9 @@ class Worker:
                 self.proc.kill()
 
 
-def run_rounds(workers: dict[str, Worker], rounds: int, n: int, precision: str) -> dict[str, Any]:
-    """Interleaved rounds; returns images/s per loop and round, matmul rates and thread counts."""
+def run_rounds(workers: dict[str, Worker], rounds: int, n: int, precisions: set[str]) -> dict[str, Any]:
+    """Interleaved rounds; returns images/s per loop and round, matmul rates (of ``precisions``, in the
+    defaults' process) and thread counts."""
     owner = {name: w for w in workers.values() for name in w.info["runners"]}
     names = list(owner)
     ips: dict[str, list[float]] = {k: [] for k in names}
@@ -411,7 +420,7 @@ def run_rounds(workers: dict[str, Worker], rounds: int, n: int, precision: str) 
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         before = load_sample()
-        mm.append(workers["new"].ask("matmul " + " ".join(sorted({"fp32", precision}))))
+        mm.append(workers["new"].ask("matmul " + " ".join(sorted(precisions | {"fp32"}))))
         for name in (order if r % 2 == 0 else order[::-1]):
             out = owner[name].ask(f"epoch {name} {2 + r}")
             ips[name].append(n / out["secs"])
@@ -552,9 +561,9 @@ def main() -> None:
               f"{workers['ref'].info['torch_default_threads']}")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
         precision = {"ref": "fp32", "ref-env": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"],
-                     "-bf16": "fp32", "-cl": spec["amp"], "-fold": spec["amp"]}
+                     **{name: v[2] for name, v in ablations(spec["amp"]).items()}}
         rounds = args.rounds or (3 if args.quick else 8)
-        res = run_rounds(workers, rounds, args.n, precision["defaults"])
+        res = run_rounds(workers, rounds, args.n, set(precision.values()))
         table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
         ceiling(workers["new"], args.n, workers["ref"].info, precision["defaults"], res["mm"])
         print(f"\n## contention: one competitor ({os.cpu_count()} threads of relu(a @ a)); idle, then "

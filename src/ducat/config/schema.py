@@ -131,7 +131,8 @@ class RunConfig:
     """``out``: run directory; None (the default) = a new directory ``runs/<config name>-<YYYYmmdd-HHMMSS>``
     chosen when the config is loaded (never an existing one). ``device``: auto | cpu | cuda | cuda:N.
     ``deterministic``: deterministic algorithms (bit-exact resume on CPU).
-    ``amp``: bf16 autocast (auto = on CUDA with bf16 support). ``channels_last``: auto = on CUDA.
+    ``amp``: bf16 autocast for training with ``bf16``; auto = off = fp32 (bf16 training lost accuracy in the
+    measured comparison, docs/performance.md). ``channels_last``: auto = on for models with 2-d convolutions.
     ``sync_bn``: SyncBatchNorm across torchrun ranks (CUDA only). ``save_epochs``: also keep the
     checkpoint of these epochs as ``epoch_N.pt`` (e.g. to fork DUCAT runs from a base run)."""
 

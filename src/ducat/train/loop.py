@@ -22,6 +22,7 @@ from ducat.train.setup import (
     build_optimizer,
     checkpoint_state,
     ducat_active,
+    emulated_bf16_warning,
     learning_rate,
     load_data,
     training_autocast,
@@ -82,7 +83,9 @@ class Trainer:
                 raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.channels_last = use_channels_last(config.run, self.model, self.device)
-        self.bf16 = use_bf16(config.run, self.device)
+        self.bf16 = use_bf16(config.run)
+        if warning := emulated_bf16_warning(config.run, self.device):
+            log(warning)
         if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.optimizer = build_optimizer(self.model, config)

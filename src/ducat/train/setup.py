@@ -32,10 +32,18 @@ def use_channels_last(run: RunConfig, model: nn.Module, device: torch.device) ->
     return run.channels_last == "on" or (run.channels_last == "auto" and channels_last_faster(model, device))
 
 
-def use_bf16(run: RunConfig, device: torch.device) -> bool:
-    """Whether the training step runs under bf16 autocast: ``run.amp``, where auto means where the hardware
-    has native bf16 (:func:`ducat.runtime.native_bf16`; the accuracy check is in docs/performance.md)."""
-    return run.amp == "bf16" or (run.amp == "auto" and native_bf16(device))
+def use_bf16(run: RunConfig) -> bool:
+    """Whether the training step runs under bf16 autocast: only with ``run.amp=bf16``. auto trains in fp32:
+    in the measured comparison bf16-trained models did not match the fp32 ones' accuracy
+    (docs/performance.md, "bf16 accuracy")."""
+    return run.amp == "bf16"
+
+
+def emulated_bf16_warning(run: RunConfig, device: torch.device) -> str | None:
+    """A warning when ``run.amp=bf16`` asks for bf16 where the hardware has none (emulated: slower than fp32)."""
+    if run.amp == "bf16" and not native_bf16(device):
+        return f"run.amp=bf16: {device} has no native bf16 (AVX512-BF16, AMX or CUDA), so it runs slower than fp32"
+    return None
 
 
 def training_autocast(enabled: bool, device: torch.device):
