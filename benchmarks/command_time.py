@@ -4,9 +4,11 @@
     python benchmarks/command_time.py eval RUN_DIR [--n-examples 200]    # ducat eval with its defaults
     python benchmarks/command_time.py quickstart --contended             # ducat quickstart, idle and contended
     python benchmarks/command_time.py eval RUN_DIR --baseline ../old/src # and the same command from other sources
+    python benchmarks/command_time.py eval RUN_DIR --variant "1 worker=--workers 1"   # and with other options
 
 Each repetition runs the command once per source tree (this checkout's ``src``, then each ``--baseline``
-directory, put first on ``PYTHONPATH``) and per condition: idle, and with ``--contended`` beside the
+directory, put first on ``PYTHONPATH``; then each ``--variant LABEL=OPTIONS``, this checkout with the
+command's options followed by OPTIONS) and per condition: idle, and with ``--contended`` beside the
 competitor of ``benchmarks/contention.py`` (``relu(a @ a)`` on 512 x 512 fp32, torch's default threads).
 Every run writes to a new temporary directory, so nothing is reused from an earlier run. Before each run
 the script records the 1-minute load average and the machine's fp32 matmul rate (2048 x 2048, torch's
@@ -25,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,10 +55,12 @@ def matmul_rate() -> float:
     return float(out.stdout.strip())
 
 
-def command(args, out: Path) -> list[str]:
+def command(args, out: Path, options: list[str]) -> list[str]:
+    """The ducat command line of one run: the command's own options, then a variant's ``options``."""
     if args.command == "eval":
-        return ["eval", str(args.run), "--n-examples", str(args.n_examples), "--out", str(out), "--no-progress"]
-    return ["quickstart", "--out", str(out), "--no-progress"]
+        return ["eval", str(args.run), "--n-examples", str(args.n_examples), "--out", str(out), "--no-progress",
+                *options]
+    return ["quickstart", "--out", str(out), "--no-progress", *options]
 
 
 def result_of(args, out: Path, stdout: str) -> str:
@@ -69,7 +74,7 @@ def result_of(args, out: Path, stdout: str) -> str:
     return "; ".join(line.strip("| ") for line in stdout.splitlines() if re.match(r"\| pgd_at", line))
 
 
-def run_once(args, src: Path, contended: bool) -> dict:
+def run_once(args, src: Path, options: list[str], contended: bool) -> dict:
     env = clean_env({}) | {"PYTHONPATH": str(src)}
     with tempfile.TemporaryDirectory(prefix="ducat-command-time-") as tmp:
         out = Path(tmp) / "out"
@@ -77,8 +82,8 @@ def run_once(args, src: Path, contended: bool) -> dict:
         competitor = start_competitor() if contended else None
         try:
             start = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "ducat", *command(args, out)], env=env, capture_output=True,
-                                  text=True, cwd=tmp)
+            proc = subprocess.run([sys.executable, "-m", "ducat", *command(args, out, options)], env=env,
+                                  capture_output=True, text=True, cwd=tmp)
             wall = time.perf_counter() - start
         finally:
             if competitor is not None:
@@ -95,21 +100,26 @@ def main() -> None:
     parser.add_argument("--n-examples", type=int, default=200)
     parser.add_argument("--baseline", action="append", type=Path, default=[],
                         help="another checkout's src directory to time the same command from (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=OPTIONS",
+                        help="also time this checkout with these extra command options (repeatable)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--contended", action="store_true", help="also run each beside a competing torch process")
     args = parser.parse_args()
     if args.command == "eval" and args.run is None:
         parser.error("eval needs a RUN directory")
-    trees = [("this checkout", SRC)] + [(f"baseline {b}", b.resolve()) for b in args.baseline]
+    if any("=" not in v for v in args.variant):
+        parser.error("--variant takes LABEL=OPTIONS, e.g. '1 worker=--workers 1'")
+    trees = ([("this checkout", SRC, [])] + [(f"baseline {b}", b.resolve(), []) for b in args.baseline]
+             + [(label, SRC, shlex.split(options)) for label, options in (v.split("=", 1) for v in args.variant)])
     conditions = ["idle"] + (["contended"] if args.contended else [])
     print(f"ducat {args.command}; {os.cpu_count()} logical CPUs; load average at start {loadavg()}")
     print("| repetition | tree | condition | wall s | load (1/5/15 min) | fp32 matmul GFLOP/s | result |")
     print("|---|---|---|---|---|---|---|")
     runs: dict[tuple[str, str], list[dict]] = {}
     for repetition in range(1, args.repeat + 1):
-        for name, src in trees:
+        for name, src, options in trees:
             for condition in conditions:
-                r = run_once(args, src, condition == "contended")
+                r = run_once(args, src, options, condition == "contended")
                 runs.setdefault((name, condition), []).append(r)
                 print(f"| {repetition} | {name} | {condition} | {r['wall']:.1f} | {r['load']} | {r['matmul']:.0f} | "
                       f"{r['result']} |", flush=True)
