@@ -45,6 +45,11 @@ def ducat(*args: str) -> float:
     return time.perf_counter() - start
 
 
+def p_text(p: float) -> str:
+    """A p-value for print; one below float64's range (it underflows to 0) as ``< 1e-300``."""
+    return "< 1e-300" if p < 1e-300 else f"{p:.2g}"
+
+
 def train_and_eval(out: Path, seed: int, precision: str, args) -> dict:
     run = out / f"{precision}-s{seed}"
     report = run / "eval" / "report.json"
@@ -95,8 +100,8 @@ def main() -> None:
         across = stats.ttest_1samp(diffs, 0.0).pvalue if len(diffs) > 1 else float("nan")
         print(f"\n{label}: bf16 - fp32 = {np.mean(diffs):+.2f} points on average (per seed "
               + ", ".join(f"{d:+.1f}" for d in diffs) + f"); per example, McNemar combined over seeds: p "
-              f"{combined_p(tests[measure]):.2g} ({verdict(tests[measure])}); across seeds, paired t-test on the "
-              f"differences (the runs' own variation as the noise): p {across:.2g}; fp32 seed-to-seed standard "
+              f"{p_text(combined_p(tests[measure]))} ({verdict(tests[measure])}); across seeds, paired t-test on "
+              f"the differences (the runs' own variation as the noise): p {across:.2g}; fp32 seed-to-seed standard "
               f"deviation {np.std(fp32, ddof=1):.1f} points")
 
 
