@@ -470,7 +470,9 @@ def test_crop_flip_same_seed_same_output_and_dtypes():
     a = random_crop_flip(x, 2, True, torch.Generator().manual_seed(7))
     b = random_crop_flip(x, 2, True, torch.Generator().manual_seed(7))
     c = random_crop_flip(x, 2, True, torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape and a.is_contiguous()
+    assert torch.equal(a, b) and not torch.equal(a, c) and a.shape == x.shape
+    # laid out channels_last, so a channels_last model takes it without a copy (an NCHW .contiguous() made one)
+    assert a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous()
     u = (x * 255).to(torch.uint8)
     assert torch.equal(random_crop_flip(u, 2, True, torch.Generator().manual_seed(7)),
                        (a * 255).to(torch.uint8))

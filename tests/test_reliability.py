@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = "cpu-digits-small_cnn-pgd_at-ducat"
 TINY = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
         "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true",
-        "run.threads=1", "optim.milestones=[2]", "ducat.start_epoch=2"]
+        "run.threads=1", "run.device=cpu", "optim.milestones=[2]", "ducat.start_epoch=2"]  # bit-exact: the CPU
 
 
 def _crash_resume_module():

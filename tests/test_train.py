@@ -14,7 +14,8 @@ from ducat.runs import model_from_checkpoint
 from ducat.train import RunError, Trainer, ducat_active, learning_rate, train
 
 TINY = ["data.n_train=200", "data.batch_size=50", "attack.steps=2", "validation.pgd_steps=2",
-        "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true"]
+        "validation.n_examples=40", "run.progress=false", "run.tensorboard=false", "run.deterministic=true",
+        "run.device=cpu"]  # the bit-exact comparisons below hold on the CPU
 
 
 def tiny_config(tmp_path, preset="cpu-digits-small_cnn-pgd_at-ducat", epochs=3, extra=()):

@@ -59,6 +59,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"ducat: interrupted; {_resume_hint(Path(config.run.out))}", file=sys.stderr)
         return 130
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the run
+        return 0
     if result is None:
         print(f"stopped after epoch {args.until_epoch}; continue with: ducat train --resume {config.run.out}")
         return 0

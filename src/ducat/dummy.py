@@ -153,7 +153,8 @@ class DummyClassModel(nn.Module):
 
     def __init__(self, net: nn.Module, dummy_index: torch.Tensor):
         super().__init__()
-        check_pairing(dummy_index)
+        if dummy_index.device.type != "meta":  # a meta tensor has no values to check
+            check_pairing(dummy_index)
         self.net = net
         self.register_buffer("dummy_index", dummy_index.clone().long())
 
@@ -178,7 +179,8 @@ class ProjectedClassifier(nn.Module):
 
     def __init__(self, model: DummyClassModel, mode: MergeMode = "max"):
         super().__init__()
-        merge_logits(torch.zeros(1, 2 * model.num_classes), model.dummy_index.cpu(), mode)  # validates mode
+        if mode not in ("max", "logsumexp"):
+            raise ValueError(f"unknown merge mode '{mode}'; choose 'max' or 'logsumexp'")
         self.model = model
         self.mode = mode
 
@@ -227,6 +229,7 @@ def widen_model(
     if dummy_index.numel() != c:
         raise ValueError(f"pairing has {dummy_index.numel()} classes but layer '{layer_name}' has {c} outputs")
     check_pairing(dummy_index)
+    dummy_index = dummy_index.to(layer.weight.device)  # indexes the logits on their device, no copy per call
     wide = widen_linear(layer, dummy_init)
     if dummy_init == "copy":
         with torch.no_grad():

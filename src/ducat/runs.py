@@ -13,16 +13,34 @@ from ducat.config import TrainConfig, config_from_dict
 from ducat.data import dataset_info
 from ducat.dummy import check_pairing, make_pairing, widen_model
 from ducat.models import build_model
+from ducat.runtime import cuda_unavailable_reason, native_bf16
 
 
 def select_device(name: str = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when usable, else CPU. ValueError, naming what was found, when ``cuda`` or ``cuda:N``
+    is asked for and cannot be used."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device '{name}' requested but CUDA is not available")
+    if device.type == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"device '{name}' requested but CUDA cannot be used: {reason}")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device '{name}' requested but this process sees {torch.cuda.device_count()} GPU(s)")
     return device
+
+
+def describe_device(device: torch.device, requested: str = "auto") -> str:
+    """One line naming the device a run computes on, e.g. ``device: cuda:0 (NVIDIA H100, 79 GiB, native bf16)``;
+    for ``auto`` on a CPU, why no GPU is used."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        bf16 = "native bf16" if native_bf16(torch.device("cuda", index)) else "bf16 emulated"
+        return f"device: cuda:{index} ({props.name}, {props.total_memory / 2**30:.0f} GiB, {bf16})"
+    why = f" (no GPU used: {cuda_unavailable_reason()})" if requested == "auto" and device.type == "cpu" else ""
+    return f"device: {device}{why}"
 
 
 def build_plain_model(config: TrainConfig) -> nn.Module:

@@ -19,6 +19,7 @@ This module does not import torch at import time, so that :func:`prepare_environ
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import sys
@@ -81,11 +82,29 @@ def configure_threads(requested: int | None) -> int:
 
 
 # ---- determinism, seeds ------------------------------------------------------------------------------
+CUBLAS_WORKSPACE = ("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic mode needs a fixed workspace
+
+
 def configure_determinism(deterministic: bool) -> None:
-    """Deterministic algorithms (bit-exact resume on CPU) on or off, process-wide."""
+    """Deterministic algorithms on or off, process-wide, and cuDNN's autotuner off or on with them.
+
+    Deterministic mode gives bit-exact resumes on the CPU. On CUDA it also needs cuBLAS's fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts; set here unless the user set it), and it turns off
+    ``cudnn.benchmark``, which may pick a different convolution algorithm in every process. Otherwise the
+    autotuner is on: a training run calls the same few convolution shapes millions of times."""
     import torch
 
+    if deterministic:
+        os.environ.setdefault(*CUBLAS_WORKSPACE)
     torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed for one use of a random stream, independent of every other use: SHA-256 of the parts joined by
+    ``/``, its first 8 bytes little-endian, 63 bits (``derive_seed(run_seed, "epoch", 3, "rank", 1)``)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -100,16 +119,34 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+# ---- devices ---------------------------------------------------------------------------------------
+def cuda_unavailable_reason() -> str | None:
+    """Why this process cannot use CUDA, in one line (None when it can): a torch build without CUDA, no
+    driver, a driver too old for the build, or no visible device (the driver's own message where it gives one)."""
+    import torch
+
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return f"this torch build ({torch.__version__}) has no CUDA support"
+    if torch.cuda.is_available():
+        return None
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # the driver's explanation: not found, too old, ...
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return "no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES?)"
+
+
 # ---- precision and memory format ----------------------------------------------------------------------
 def native_bf16(device: Any) -> bool:
-    """True where bf16 matmuls and convolutions run in hardware: CUDA with bf16 support, or a CPU
-    with AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels. Elsewhere bf16 is emulated and
-    slower than fp32."""
+    """True where bf16 matmuls and convolutions run in hardware: a CUDA GPU of compute capability 8.0 or
+    later (``torch.cuda.is_bf16_supported()`` also counts emulation on a V100 or T4), or a CPU with
+    AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels. Elsewhere bf16 is emulated and slower
+    than fp32."""
     import torch
 
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # bf16 tensor cores from Ampere (8.0) on; older GPUs emulate it
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     if device.type != "cpu":
         return False
     flags = cpu_capabilities()

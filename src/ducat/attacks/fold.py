@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.modules.utils import _pair
-from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from ducat.models.pooling import pooling_matrix
 
 
 class FoldError(TypeError):
@@ -34,7 +35,7 @@ def foldable_pairs(graph_module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]
     modules = dict(graph_module.named_modules())
     pairs = []
     for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(modules[node.target], (nn.BatchNorm2d, nn.SyncBatchNorm)):
             continue
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
@@ -73,19 +74,19 @@ class PooledLinear(nn.Module):
     to float rounding. Other inputs take the original path. ``linear`` is the live layer; call
     :meth:`refresh` after its weights change."""
 
-    def __init__(self, size: int | tuple[int, int], linear: nn.Linear):
+    def __init__(self, pool: nn.AdaptiveAvgPool2d, linear: nn.Linear):
         super().__init__()
-        self.size, self._held = _pair(size), (linear,)  # held, not registered: the view owns no parameters
-        self._weights: dict[tuple[int, int], torch.Tensor] = {}
+        self.size, self._held = _pair(pool.output_size), (pool, linear)  # held, not registered: the view owns no
+        self._weights: dict[tuple[int, int], torch.Tensor] = {}            # parameters
 
     def refresh(self) -> None:
         self._weights.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (linear,), (h, w) = self._held, x.shape[-2:]
+        (pool, linear), (h, w) = self._held, x.shape[-2:]
         cells = self.size[0] * self.size[1]
         if h * w >= cells or linear.in_features != x.shape[1] * cells:
-            return linear(torch.flatten(F.adaptive_avg_pool2d(x, self.size), 1))
+            return linear(torch.flatten(pool(x), 1))
         if (h, w) not in self._weights:
             self._weights[(h, w)] = self._fold(linear, h, w)
         bias = None if linear.bias is None else linear.bias.detach()
@@ -95,8 +96,7 @@ class PooledLinear(nn.Module):
     def _fold(self, linear: nn.Linear, h: int, w: int) -> torch.Tensor:
         """The weight ``(out, C x h x w)`` of the pooling followed by ``linear``, from the pooling of each cell."""
         weight = linear.weight.detach()
-        basis = torch.eye(h * w, dtype=weight.dtype, device=weight.device).view(h * w, 1, h, w)
-        pooling = F.adaptive_avg_pool2d(basis, self.size).flatten(1)  # (h*w, cells): the share of each cell
+        pooling = pooling_matrix(h, w, self.size, weight.dtype, weight.device)  # (h*w, cells): each cell's share
         per_channel = weight.view(weight.shape[0], -1, pooling.shape[1])  # (out, C, cells)
         return (per_channel @ pooling.T).flatten(1)
 
@@ -186,8 +186,7 @@ class FoldedView(nn.Module):
                           linear_node: fx.Node) -> None:
         """Replace ``linear(flatten(pool(x), 1))`` by a :class:`PooledLinear` call in the graph."""
         name = f"_pooled{len(self.pooled)}"
-        gm.add_submodule(name, PooledLinear(gm.get_submodule(pool_node.target).output_size,
-                                            gm.get_submodule(linear_node.target)))
+        gm.add_submodule(name, PooledLinear(gm.get_submodule(pool_node.target), gm.get_submodule(linear_node.target)))
         with gm.graph.inserting_before(linear_node):
             fused = gm.graph.call_module(name, (pool_node.args[0],))
         linear_node.replace_all_uses_with(fused)
@@ -197,19 +196,32 @@ class FoldedView(nn.Module):
 
     @torch.no_grad()
     def refresh(self) -> None:
-        """Recompute the folded weights from the live conv and linear weights and BatchNorm statistics."""
+        """Recompute the folded weights from the live conv and linear weights and BatchNorm statistics: the
+        arithmetic of ``fuse_conv_bn_weights`` in the same order, as ``torch._foreach`` operations over every
+        folded BatchNorm at once (a handful of kernel launches on CUDA instead of about eight per convolution)."""
         graph_module = self._held[1]
         for name in range(len(self.pooled)):
             graph_module.get_submodule(f"_pooled{name}").refresh()
-        for conv, bn, name in self.sources:
-            weight, bias = fuse_conv_bn_weights(
-                conv.weight.detach(), None if conv.bias is None else conv.bias.detach(), bn.running_mean,
-                bn.running_var, bn.eps, None if bn.weight is None else bn.weight.detach(),
-                None if bn.bias is None else bn.bias.detach())
+        if not self.sources:
+            return
+        convs, bns, names = zip(*self.sources)
+        weights = [torch.ones_like(bn.running_var) if bn.weight is None else bn.weight for bn in bns]
+        offsets = [torch.zeros_like(bn.running_mean) if bn.bias is None else bn.bias for bn in bns]
+        inv_std = torch._foreach_rsqrt(torch._foreach_add([bn.running_var for bn in bns], [bn.eps for bn in bns]))
+        scales = torch._foreach_mul(weights, inv_std)
+        biases = torch._foreach_neg([bn.running_mean for bn in bns])  # conv bias - mean (a missing bias is 0)
+        for bias, conv in zip(biases, convs):
+            if conv.bias is not None:
+                bias.add_(conv.bias)
+        torch._foreach_mul_(biases, inv_std)
+        torch._foreach_mul_(biases, weights)
+        torch._foreach_add_(biases, offsets)
+        for conv, scale, bias, name in zip(convs, scales, biases, names):
+            folded = conv.weight * scale.view(-1, *([1] * (conv.weight.dim() - 1)))
             layout = torch.channels_last if conv.weight.is_contiguous(memory_format=torch.channels_last) \
                 and not conv.weight.is_contiguous() else torch.contiguous_format
-            setattr(graph_module, f"{name}_weight", weight.detach().contiguous(memory_format=layout))
-            setattr(graph_module, f"{name}_bias", bias.detach())
+            setattr(self._held[1], f"{name}_weight", folded.contiguous(memory_format=layout))
+            setattr(self._held[1], f"{name}_bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The eval-mode function: a layer the graph calls that is in train mode (an unfolded BatchNorm of a

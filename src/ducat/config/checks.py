@@ -116,6 +116,7 @@ def _validate_run(r: RunConfig, epochs: int) -> None:
     """Run values; ``run.out`` must be a directory or creatable as one (no file on its path); None is
     resolved when the config is loaded."""
     _check(r.amp in ("auto", "off", "bf16"), f"run.amp must be auto, off or bf16, got '{r.amp}'")
+    _check(r.sync_bn in ("auto", "on", "off"), f"run.sync_bn must be auto, on or off, got '{r.sync_bn}'")
     _check(r.channels_last in ("auto", "on", "off"),
            f"run.channels_last must be auto, on or off, got '{r.channels_last}'")
     _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device) is not None,

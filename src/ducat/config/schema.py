@@ -133,8 +133,10 @@ class RunConfig:
     ``deterministic``: deterministic algorithms (bit-exact resume on CPU).
     ``amp``: bf16 autocast for training with ``bf16``; auto = off = fp32 (bf16 training lost accuracy in the
     measured comparison, docs/performance.md). ``channels_last``: auto = on for models with 2-d convolutions.
-    ``sync_bn``: SyncBatchNorm across torchrun ranks (CUDA only). ``save_epochs``: also keep the
-    checkpoint of these epochs as ``epoch_N.pt`` (e.g. to fork DUCAT runs from a base run)."""
+    ``sync_bn``: SyncBatchNorm across torchrun ranks: auto = on for CUDA ranks of a model with BatchNorm (a
+    global batch normalises as on one GPU), on, off (PyTorch's SyncBatchNorm has no CPU kernel).
+    ``save_epochs``: also keep the checkpoint of these epochs as ``epoch_N.pt`` (e.g. to fork DUCAT runs from a
+    base run)."""
 
     out: str | None = None
     seed: int = 0
@@ -146,7 +148,7 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     threads: int | None = None
-    sync_bn: bool = False
+    sync_bn: str = "auto"
     save_epochs: list[int] = field(default_factory=list)
 
 
@@ -249,7 +251,8 @@ def apply_override(config: TrainConfig, section: str, key: str, value: Any) -> N
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
-    """``section.key=value`` -> (section, key, YAML-parsed value)."""
+    """``section.key=value`` -> (section, key, YAML-parsed value). Quoted text loses its quotes as in YAML
+    (``data.root="/data"`` is ``/data``); fractions like ``8/255`` stay text, which float fields parse."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     dotted, raw = text.split("=", 1)
@@ -260,8 +263,8 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    if isinstance(value, str) and "/" in value:
-        value = raw  # keep fractions like 8/255 as text; _coerce parses them for float fields
+    if isinstance(value, dict):
+        value = raw  # text with ': ' in it (a path, say) is the value itself, not a mapping
     return section, key, value
 
 

@@ -60,7 +60,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
 
     ``x`` is ``(B, C, H, W)``. Vectorised with index arithmetic (no loop over images). Draws, in
     this order: B row offsets and B column offsets in ``[0, 2 * padding]`` (if ``padding > 0``),
-    then B coin flips (if ``flip``). With ``padding=0`` and ``flip=False`` returns ``x`` itself.
+    then B coin flips (if ``flip``). With ``padding=0`` and ``flip=False`` returns ``x`` itself; otherwise the
+    result is laid out channels_last (``.contiguous()`` gives the NCHW layout where a caller needs it).
     """
     if padding < 0:
         raise DataError(f"crop padding must be >= 0, got {padding}")
@@ -79,7 +80,7 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
     batch = torch.arange(b, device=device)[:, None, None]
     out = x.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()
+    return out.permute(0, 3, 1, 2)  # (B, C, H, W) in channels_last memory: no copy for a channels_last model
 
 
 class TensorLoader:

@@ -61,7 +61,8 @@ def resolve_workers(settings: EvalSettings, device: torch.device) -> EvalSetting
 def load_target(target: Path, dataset: str | None = None,
                 model_name: str | None = None) -> tuple[nn.Module, str, float | None, dict[str, Any]]:
     """(model, dataset name, training eps or None, checkpoint facts) for a run directory, a ducat
-    checkpoint, or a foreign state dict (``model_name`` and ``dataset`` given)."""
+    checkpoint, or a foreign state dict (``model_name`` and ``dataset`` given). A ducat checkpoint's facts
+    include its run's ``data_root``."""
     from ducat.models import build_model
     from ducat.runs import model_from_checkpoint, resolve_checkpoint
 
@@ -73,7 +74,8 @@ def load_target(target: Path, dataset: str | None = None,
         epoch = state.get("epoch")  # reported as found only if it is one (the weights do not depend on it)
         epoch = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None
         return model, config.data.dataset, config.attack.eps, {"path": str(path), "epoch": epoch,
-                                                               "sha256": file_sha256(path)}
+                                                               "sha256": file_sha256(path),
+                                                               "data_root": config.data.root}
     if dataset is None:
         raise ConfigError("--model needs --dataset (the model's classes and input shape come from it)")
     info = dataset_info(dataset)
@@ -94,7 +96,8 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
                         progress: bool = True) -> EvalReport:
     """Evaluate a run directory or checkpoint on its dataset's test split and write the report files.
 
-    ``eps`` defaults to the run's training eps; ``settings`` are further :class:`EvalSettings` fields."""
+    ``eps`` defaults to the run's training eps and ``data_root`` to the run's ``data.root``; ``settings`` are
+    further :class:`EvalSettings` fields."""
     from ducat.runs import select_device
 
     target = Path(target)
@@ -103,6 +106,8 @@ def evaluate_checkpoint(target: str | Path, out: str | Path | None = None, *, ep
     if dataset is not None:
         dataset_info(dataset)
     model, dataset, train_eps, facts = load_target(target, dataset, model_name)
+    saved_root = facts.pop("data_root", None)  # where the run found its data
+    data_root = data_root if data_root is not None else saved_root
     eps = eps if eps is not None else train_eps
     if eps is None:
         raise ConfigError("give --eps for a checkpoint without a ducat config")

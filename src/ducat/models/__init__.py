@@ -13,6 +13,7 @@ from torch import nn
 
 from .mlp import MLP
 from .normalizer import ImageNormalizer
+from .pooling import MatrixAdaptiveAvgPool2d, deterministic_pooling, pooling_matrix
 from .resnet import PreActResNet, ResNet, bottleneck_resnet18, preact_resnet18, resnet18
 from .small_cnn import SmallCNN
 from .wide_resnet import WideResNet, wrn28_10, wrn34_10
@@ -21,12 +22,15 @@ __all__ = [
     "MODEL_NAMES",
     "ImageNormalizer",
     "MLP",
+    "MatrixAdaptiveAvgPool2d",
     "PreActResNet",
     "ResNet",
     "SmallCNN",
     "WideResNet",
     "build_model",
     "count_flops",
+    "deterministic_pooling",
+    "pooling_matrix",
 ]
 
 _BUILDERS: dict[str, Callable[[int, int], nn.Module]] = {

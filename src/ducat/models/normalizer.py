@@ -15,14 +15,15 @@ class ImageNormalizer(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32, device="cpu").flatten()  # checked on the CPU, then
+        std_t = torch.as_tensor(std, dtype=torch.float32, device="cpu").flatten()    # placed where modules are made
         if mean_t.numel() == 0 or mean_t.shape != std_t.shape:
             raise ValueError(
                 f"mean and std must be non-empty and of equal length, got {mean_t.numel()} and {std_t.numel()}"
             )
         if not bool((std_t > 0).all()):
             raise ValueError(f"std must be positive, got {std_t.tolist()}")
+        mean_t, std_t = mean_t.to(torch.empty(0).device), std_t.to(torch.empty(0).device)
         self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
         self.register_buffer("std", std_t.view(1, -1, 1, 1))
 

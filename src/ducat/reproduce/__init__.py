@@ -21,7 +21,7 @@ from ducat.config import ConfigError, TrainConfig
 from ducat.data import load_split
 from ducat.fileio import RunLock, atomic_write_bytes
 from ducat.provenance import provenance, source_digest
-from ducat.reproduce.grid import GridRun, plan, run_config, train_run
+from ducat.reproduce.grid import GridRun, check_nproc, plan, run_config, train_run
 from ducat.reproduce.scales import SCALES, VARIANTS, Scale, get_scale
 
 __all__ = ["SCALES", "VARIANTS", "GridRun", "Scale", "get_scale", "plan", "reproduce", "run_config"]
@@ -53,6 +53,7 @@ def reproduce(scale_name: str, out: Path, data_root: str | None = None, seeds: i
     scale = get_scale(scale_name).with_seeds(seeds).with_variants(variants)
     runs = plan(scale)
     configs = {run.name: run_config(run, out, data_root) for run in runs}  # every config checked first
+    check_nproc(nproc, configs[runs[0].name].run.device)
     load_split(configs[runs[0].name].data.dataset, data_root, train=False)  # and the data is there
     with RunLock(out) as lock:  # one reproduction per --out at a time (train() also locks each run directory)
         if lock.note:

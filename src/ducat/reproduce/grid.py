@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ducat.config import TrainConfig, load_config
+from ducat.config import ConfigError, TrainConfig, load_config
 from ducat.objectives import METHODS
 from ducat.reproduce.scales import VARIANTS, Scale
-from ducat.train import fork_run, train
+from ducat.train import RunError, fork_run, train
 
 
 @dataclass(frozen=True)
@@ -121,16 +121,32 @@ def _finished(run: GridRun, run_dir: Path) -> bool:
     return (run_dir / "summary.json").is_file()
 
 
+def check_nproc(nproc: int, device: str) -> None:
+    """ConfigError (before anything runs) when ``nproc`` CUDA processes per run would need more GPUs than this
+    machine has; on the CPU any number of gloo processes may run."""
+    import torch
+
+    uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if nproc > 1 and uses_cuda and nproc > torch.cuda.device_count():
+        raise ConfigError(f"--nproc {nproc} needs {nproc} GPUs per run; this machine has "
+                          f"{torch.cuda.device_count()}")
+
+
 def _train_distributed(preset: str, config: TrainConfig, resume: bool, until: int | None, nproc: int) -> None:
-    """The same run through torchrun on ``nproc`` processes (one GPU each on CUDA)."""
-    args = ["--resume", config.run.out] if resume else [preset, *_flat_overrides(config)]
+    """The same run through torchrun on ``nproc`` processes (one GPU each on CUDA); RunError if it fails."""
+    args = ["--resume", config.run.out] if resume else [preset, *flat_overrides(config)]
     if until is not None:
         args += ["--until-epoch", str(until)]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "ducat", "train", *args]
-    subprocess.run(command, check=True)
+    code = subprocess.run(command).returncode
+    if code != 0:
+        raise RunError(f"torchrun training of '{config.run.out}' on {nproc} processes failed (exit code {code}); "
+                       "its output is above; a rerun resumes it")
 
 
-def _flat_overrides(config: TrainConfig) -> list[str]:
+def flat_overrides(config: TrainConfig) -> list[str]:
+    """``section.key=value`` for every field of ``config``, values as JSON (read back by YAML, quotes and all):
+    ``load_config(preset, flat_overrides(config))`` is ``config`` again."""
     return [f"{section}.{key}={json.dumps(value)}" for section, values in config.to_dict().items()
             for key, value in values.items()]

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ducat.config import TrainConfig
+from ducat.distributed import close_process_group
 from ducat.fileio import RunLock
 from ducat.train.fork import fork_run, trunk_key
 from ducat.train.loop import Trainer
-from ducat.train.setup import ducat_active, learning_rate, setup_runtime
+from ducat.train.setup import ducat_active, learning_rate, run_device, setup_runtime
 from ducat.train.state import RunError, RunResult
 from ducat.train.validate import validate_model
 
@@ -29,11 +30,15 @@ def train(config: TrainConfig, resume: bool = False, log: Callable[[str], None] 
     if resume and not run_dir.is_dir():
         raise RunError(f"nothing to resume: '{run_dir}' does not exist")
     setup_runtime(config.run)
-    with run_lock(run_dir, log):
-        trainer = Trainer(config, resume=resume, log=log)
-        if on_ready is not None:
-            on_ready()
-        return trainer.run(until_epoch)
+    run_device(config.run.device)  # refused before the run directory is made
+    try:
+        with run_lock(run_dir, log):
+            trainer = Trainer(config, resume=resume, log=log)
+            if on_ready is not None:
+                on_ready()
+            return trainer.run(until_epoch)
+    finally:
+        close_process_group()
 
 
 @contextmanager

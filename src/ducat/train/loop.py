@@ -12,9 +12,8 @@ from torch import nn
 from ducat.checkpoint import CheckpointError, checkpoint_size_limit, load_weights
 from ducat.config import TrainConfig
 from ducat.data import TensorLoader, dataset_info, random_crop_flip
-from ducat.distributed import context_from_env
 from ducat.dummy import DummyClassModel, project_predictions
-from ducat.runs import select_device
+from ducat.runs import describe_device
 from ducat.train.progress import EpochProgress
 from ducat.train.setup import (
     build_model,
@@ -25,6 +24,9 @@ from ducat.train.setup import (
     emulated_bf16_warning,
     learning_rate,
     load_data,
+    placement,
+    prepare_model,
+    restore_generator,
     training_autocast,
     use_bf16,
     use_channels_last,
@@ -41,15 +43,22 @@ def predict(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
+DEVICE_BOUND = ("fused", "foreach", "capturable")  # which kernels step; a checkpoint may come from another device
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
     """``optimizer.load_state_dict(saved)``, then ValueError unless the result is this optimizer with other values:
     the same hyperparameters but the learning rate (set every epoch; a resume has the same config), and per-parameter
-    state tensors of their parameter's shape (``load_state_dict`` checks neither; a wrong one fails mid-epoch)."""
+    state tensors of their parameter's shape (``load_state_dict`` checks neither; a wrong one fails mid-epoch).
+    The kernel choices (:data:`DEVICE_BOUND`: fused on CUDA, not on the CPU) stay this optimizer's own."""
     def settings() -> list[dict[str, Any]]:
-        return [{k: v for k, v in group.items() if k not in ("params", "lr")} for group in optimizer.param_groups]
+        return [{k: v for k, v in group.items() if k not in ("params", "lr", *DEVICE_BOUND)}
+                for group in optimizer.param_groups]
 
-    expected = settings()
+    expected, own = settings(), [{k: group.get(k) for k in DEVICE_BOUND} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
+    for group, kernels in zip(optimizer.param_groups, own):  # this device's kernels, not the saving device's
+        group.update(kernels)
     if settings() != expected:
         raise ValueError("its optimizer settings differ from the config's")
     for param, values in optimizer.state.items():
@@ -64,46 +73,40 @@ class Trainer:
     caller's: see :func:`ducat.train.setup.setup_runtime`."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, log: Callable[[str], None] = print):
-        self.config, self.resume, self.log = config, resume, log
-        self.state = RunState(config, log)
+        self.config, self.resume = config, resume
+        self.device, self.dist = placement(config.run.device)
+        self.log = log if self.dist.is_main else (lambda line: None)  # one voice: rank 0's
+        self.state = RunState(config, self.log, str(self.device))
         self.state.check(resume)
-        try:
-            self.device = select_device(config.run.device)  # a CUDA device on a machine without one
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
-        self.state.device = str(self.device)
-        self.dist = context_from_env(config.run.device)
-        if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+        self.log(describe_device(self.device, config.run.device))
         self.info = dataset_info(config.data.dataset)
-        self.model = build_model(config, resume, log).to(self.device)  # checkpoint errors before any data
+        self.model = build_model(config, resume, self.log).to(self.device)  # checkpoint errors before any data
         self.train_data, self.val_data, self.test_data = load_data(config, self.device)
-        if config.run.sync_bn and self.dist.enabled:
-            if self.device.type != "cuda":
-                raise RunError("run.sync_bn needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.model = prepare_model(self.model, config.run, self.dist, self.device)
         self.channels_last = use_channels_last(config.run, self.model, self.device)
         self.bf16 = use_bf16(config.run)
         if warning := emulated_bf16_warning(config.run, self.device):
-            log(warning)
-        if self.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.log(warning)
+        self.memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = build_optimizer(self.model, config)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(config.run.seed)  # shuffling, shared
+        # crops, flips and attack starts: the shared generator in one process, a stream per rank under torchrun
+        self.stream = torch.Generator(device=self.device) if self.dist.enabled else self.generator
         self.start_epoch = config.finetune.start_epoch if config.finetune.checkpoint else 1
         if resume:
             self._restore()
         if config.run.compile:
             self.model.compile()  # in place: state_dict keys and isinstance checks are unchanged
-        self.objective = build_objective(config, self.generator, wrap_distributed(self.model, self.dist, self.device))
+        self.objective = build_objective(config, self.stream, wrap_distributed(self.model, self.dist, self.device))
 
     def _restore(self) -> None:
-        state = self.state.restore(max_bytes=checkpoint_size_limit(self.model))
+        state = self.state.restore(max_bytes=checkpoint_size_limit(self.model), write=self.dist.is_main)
         path = self.state.saved[0]
         load_weights(self.model, state["model"], str(path))
         try:
             load_optimizer_state(self.optimizer, state["optimizer"])
-            self.generator.set_state(state["rng"]["generator"].to("cpu"))
+            restore_generator(self.generator, state["rng"], self.config.run.seed, state["epoch"], self.log)
         except (ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint '{path}' does not fit this run: its optimizer or RNG state is not "
                                   f"this model's ({type(exc).__name__})") from None
@@ -111,13 +114,17 @@ class Trainer:
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         d = self.config.data
-        return random_crop_flip(x, d.crop_padding, d.flip, self.generator) if d.augment else x
+        if not d.augment:
+            return x
+        return random_crop_flip(x, d.crop_padding, d.flip, self.stream).contiguous(memory_format=self.memory_format)
 
     def train_epoch(self, epoch: int, progress: Any = None) -> dict[str, float]:
         """One epoch of training; the epoch's training statistics (summed over ranks)."""
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(epoch, self.config)
         active = ducat_active(epoch, self.config)
+        if self.dist.enabled:
+            self.stream.manual_seed(self.dist.stream_seed(self.config.run.seed, epoch))
         loader = TensorLoader(self.train_data, self.config.data.batch_size, shuffle=True, generator=self.generator)
         self.model.train()
         totals = torch.zeros(4, device=self.device)  # loss sum, adv correct, clean correct, clean seen
@@ -125,10 +132,11 @@ class Trainer:
         check_every = 1 if self.device.type == "cpu" else 50
         for step, (x, y) in enumerate(loader, start=1):
             if self.dist.enabled:  # every rank drew the same global batch; train on this rank's share
+                if len(y) < self.dist.world_size:
+                    continue  # some rank would get no example (and no loss); every rank skips it alike
                 mine = self.dist.shard(len(y))
                 x, y = x[mine], y[mine]
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=self.memory_format)
             with training_autocast(self.bf16, self.device):
                 out = self.objective(self.model, x, y, ducat_active=active, augment=self._augment)
             self.optimizer.zero_grad(set_to_none=True)

@@ -12,10 +12,18 @@ from torch import nn
 from ducat.checkpoint import checkpoint_size_limit, load_checkpoint
 from ducat.config import RunConfig, TrainConfig
 from ducat.data import TensorData, load_split, split_train_val
-from ducat.distributed import DistContext
+from ducat.distributed import DistContext, context_from_env
+from ducat.models import deterministic_pooling
 from ducat.objectives import METHODS, AttackSettings, DucatSettings, Objective
-from ducat.runs import build_run_model, load_into_run_model
-from ducat.runtime import channels_last_faster, configure_determinism, configure_threads, native_bf16
+from ducat.runs import build_run_model, load_into_run_model, select_device
+from ducat.runtime import (
+    channels_last_faster,
+    configure_determinism,
+    configure_threads,
+    derive_seed,
+    native_bf16,
+)
+from ducat.train.state import RunError
 
 
 def setup_runtime(run: RunConfig) -> int:
@@ -24,6 +32,28 @@ def setup_runtime(run: RunConfig) -> int:
     threads = configure_threads(run.threads)
     configure_determinism(run.deterministic)
     return threads
+
+
+def run_device(requested: str) -> torch.device:
+    """The device ``run.device`` names (:func:`ducat.runs.select_device`); RunError, one line naming what was found,
+    when it cannot be used."""
+    try:
+        return select_device(requested)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+
+
+def placement(requested: str) -> tuple[torch.device, DistContext]:
+    """The device of this process (:func:`run_device`; a torchrun rank's own GPU) and its torchrun context;
+    RunError (one line) when they cannot be had."""
+    device = run_device(requested)
+    try:
+        dist = context_from_env(requested)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    return device, dist
 
 
 def use_channels_last(run: RunConfig, model: nn.Module, device: torch.device) -> bool:
@@ -109,6 +139,49 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
                            fused=fused or None)
 
 
+def use_sync_bn(run: RunConfig, dist: DistContext, device: torch.device, model: nn.Module) -> bool:
+    """Whether BatchNorm statistics are synchronised across torchrun ranks: ``run.sync_bn``, where auto means on
+    for a multi-process CUDA run of a model with BatchNorm (a global batch then normalises as on one GPU).
+    RunError for ``on`` without CUDA: PyTorch's SyncBatchNorm has no CPU kernel."""
+    if not dist.enabled or run.sync_bn == "off":
+        return False
+    if run.sync_bn == "on" and device.type != "cuda":
+        raise RunError("run.sync_bn=on needs CUDA (PyTorch's SyncBatchNorm has no CPU kernel)")
+    return device.type == "cuda" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def prepare_model(model: nn.Module, run: RunConfig, dist: DistContext, device: torch.device) -> nn.Module:
+    """The model as this process trains it: SyncBatchNorm across CUDA ranks (:func:`use_sync_bn`), and adaptive
+    pooling whose backward is deterministic in deterministic mode on CUDA (:func:`deterministic_pooling`)."""
+    if use_sync_bn(run, dist, device, model):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if run.deterministic and device.type == "cuda":
+        deterministic_pooling(model)
+    return model
+
+
+GENERATOR_STATE_BYTES = {"cpu": torch.Generator().get_state().numel(), "cuda": 16}  # mt19937; philox seed + offset
+
+
+def restore_generator(generator: torch.Generator, rng: dict[str, Any], seed: int, epoch: int, log) -> None:
+    """Set ``generator`` to the saved state of a checkpoint's ``rng`` entry. A state saved on another device type
+    (:data:`GENERATOR_STATE_BYTES`) cannot continue here: the generator is then seeded from ``seed`` and the
+    checkpoint's ``epoch`` instead, with a warning (weights and optimizer state continue exactly, the random
+    stream does not). ValueError for a state of neither device type's size."""
+    saved, here = rng["generator"], generator.device.type
+    sizes = {device: n for device, n in GENERATOR_STATE_BYTES.items() if n == saved.numel()}
+    saved_on = rng.get("device", here if here in sizes else next(iter(sizes), None))
+    if saved_on not in sizes:
+        raise ValueError(f"a random state of {saved.numel()} bytes is no generator's")
+    if saved_on == here:
+        generator.set_state(saved.to("cpu"))
+        return
+    generator.manual_seed(derive_seed(seed, "resumed on another device after epoch", epoch))
+    log(f"warning: the checkpoint's random state comes from a {saved_on} generator and cannot continue on "
+        f"{here}; the random stream restarts from run.seed and epoch {epoch}, so this run will "
+        "not be bit-identical to one trained on a single device")
+
+
 def wrap_distributed(model: nn.Module, dist: DistContext, device: torch.device) -> nn.Module:
     """The module the training forward pass runs through: DistributedDataParallel across torchrun ranks
     (gradients averaged), the model itself in one process."""
@@ -124,4 +197,4 @@ def checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer, generat
     """Everything a resume needs, as plain data and tensors (``weights_only`` loadable)."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
             "config": config.to_json(), "num_classes": num_classes,
-            "rng": {"generator": generator.get_state()}, **progress}
+            "rng": {"generator": generator.get_state(), "device": generator.device.type}, **progress}

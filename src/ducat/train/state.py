@@ -76,11 +76,11 @@ class RunState:
             raise RunError(f"'{self.run_dir}' already holds a run; resume it with: ducat train --resume "
                            f"{self.run_dir} (or set run.out to a new directory)")
 
-    def restore(self, max_bytes: int | None = None) -> dict[str, Any]:
+    def restore(self, max_bytes: int | None = None, write: bool = True) -> dict[str, Any]:
         """The checkpoint to resume from, checked to be a complete training state of this config of at most
         ``max_bytes``: ``last.pt``, else ``prev.pt`` (loudly), else -- when neither exists, because the
         first ``last.pt`` was never written (disk full, a kill) -- ``best.pt``, a full training state too.
-        Sets the progress fields."""
+        Sets the progress fields; with ``write`` (rank 0 only under torchrun) drops metric rows past it."""
         path, state = self._load_resumable(max_bytes)
         saved = config_from_dict(json.loads(state["config"]))
         if saved.to_dict() | {"run": None} != self.config.to_dict() | {"run": None}:
@@ -92,7 +92,8 @@ class RunState:
         self.saved = (path, state["epoch"])
         self.best_metric, self.best_epoch = state["best_metric"], state["best_epoch"]
         self.elapsed_s = float(state.get("wall_time_s", 0.0))
-        self.truncate_metrics(state["epoch"])
+        if write:
+            self.truncate_metrics(state["epoch"])
         self.log(f"resuming {self.run_dir} after epoch {state['epoch']}")
         return state
 
