@@ -213,19 +213,21 @@ def library_defaults() -> dict[str, Any]:
 
     from ducat.config import RunConfig
     from ducat.models import build_model
-    from ducat.runtime import channels_last_faster
+    from ducat.runtime import channels_last_faster, native_bf16
     from ducat.train.setup import use_bf16
 
     return {"amp": "bf16" if use_bf16(RunConfig()) else "fp32",
             "cl": "on" if channels_last_faster(build_model("small_cnn", 10, 1), "cpu") else "off",
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "native_bf16": native_bf16("cpu")}
 
 
-def ablations(amp: str) -> dict[str, tuple[list[str], bool, str]]:
-    """The variants of the defaults: name -> (config overrides, BN folding, precision they train in)."""
-    precision = ("-bf16", ["run.amp='off'"], "fp32") if amp == "bf16" else ("+bf16", ["run.amp=bf16"], "bf16")
-    return {precision[0]: (precision[1], True, precision[2]),
-            "-cl": (["run.channels_last='off'"], True, amp), "-fold": ([], False, amp)}
+def ablations(amp: str, native_bf16: bool) -> dict[str, tuple[list[str], bool, str]]:
+    """The variants of the defaults: name -> (config overrides, BN folding, precision they train in). No ``+bf16``
+    where this CPU only emulates bf16 (about 20x slower than fp32: it would only measure the emulation)."""
+    variants = {"-cl": (["run.channels_last='off'"], True, amp), "-fold": ([], False, amp)}
+    if amp == "bf16":
+        return {"-bf16": (["run.amp='off'"], True, "fp32"), **variants}
+    return ({"+bf16": (["run.amp=bf16"], True, "bf16")} if native_bf16 else {}) | variants
 
 
 def matmul_gflops(dtype_name: str, n: int = 2048, reps: int = 3) -> float:
@@ -266,7 +268,7 @@ def build_runners(kind: str, args, tmp: Path) -> tuple[dict[str, Any], dict[str,
         setup_runtime(load_config(PRESET, base).run)  # what ``train()`` does first: threads, determinism
         info.update(spec=library_defaults())
         runners["defaults"] = DucatLoop(base, [], True, tmp / "defaults")
-        variants = {} if args.quick else ablations(info["spec"]["amp"])
+        variants = {} if args.quick else ablations(info["spec"]["amp"], info["spec"]["native_bf16"])
         for name, (overrides, fold, _) in variants.items():
             runners[name] = DucatLoop(base, overrides, fold, tmp / name)
     return runners, info
@@ -344,7 +346,11 @@ def means_table(reps: int) -> None:
     from ducat.attacks.fold import folded
     from ducat.dummy import widen_model
     from ducat.models import build_model
+    from ducat.runtime import native_bf16
 
+    precisions = ("fp32", "bf16") if native_bf16("cpu") else ("fp32",)
+    if len(precisions) == 1:
+        print("bf16 skipped: this CPU has no native bf16 (emulated, about 20x slower than fp32)\n")
     print(f"## one PGD step (forward + input-gradient backward, eval mode), median ms over {reps} interleaved "
           f"repetitions; {torch.get_num_threads()} threads; uptime {uptime()}\n")
     print("| model     | batch | precision | layout | unfolded ms | folded ms | fold speed-up | cl speed-up |")
@@ -358,7 +364,7 @@ def means_table(reps: int) -> None:
             xl = x
             if layout == "cl":
                 model, xl = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            for precision in ("fp32", "bf16"):
+            for precision in precisions:
                 ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
                        else contextlib.nullcontext())
                 cells[layout, precision] = (model, folded(model), xl, ctx)
@@ -369,7 +375,7 @@ def means_table(reps: int) -> None:
                     with ctx:
                         pgd_step_ms(view, xl, y, 1)  # warm
                         times.setdefault((*key, fold), []).extend(pgd_step_ms(view, xl, y, 1))
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             for layout in ("nchw", "cl"):
                 off, on = med(times[layout, precision, False]), med(times[layout, precision, True])
                 nchw = med(times["nchw", precision, True])
@@ -559,9 +565,13 @@ def main() -> None:
         print(f"defaults as the library picks them here: amp {spec['amp']}, channels_last {spec['cl']}, "
               f"BN folding in the attack on, threads {spec['threads']}; torch default threads "
               f"{workers['ref'].info['torch_default_threads']}")
+        if not spec["native_bf16"]:
+            print("+bf16 skipped: this CPU has no native bf16 (no AVX512-BF16 or AMX); emulated bf16 runs about 20x "
+                  "slower than fp32 and would measure only the emulation")
         print("warm-up s: " + ", ".join(f"{k} {v:.1f}" for w in workers.values() for k, v in w.info["warm"].items()))
+        variants = {} if args.quick else ablations(spec["amp"], spec["native_bf16"])
         precision = {"ref": "fp32", "ref-env": "fp32", "ducat-0.1": "fp32", "defaults": spec["amp"],
-                     **{name: v[2] for name, v in ablations(spec["amp"]).items()}}
+                     **{name: v[2] for name, v in variants.items()}}
         rounds = args.rounds or (3 if args.quick else 8)
         res = run_rounds(workers, rounds, args.n, set(precision.values()))
         table = report(res, workers["ref"].info["flops"], workers["ref"].info["steps"], precision)
