@@ -6,11 +6,11 @@ images for ``--epochs`` epochs (the preset's schedule scaled with ``--epochs``) 
 (``run.amp=off``) and with bf16 autocast (``run.amp=bf16``), both channels_last with BatchNorm folded in
 the attack, as the defaults run. It evaluates every model in fp32 with ``ducat eval`` on the same first
 ``--n-examples`` test images (``--attacks pgd10,logsumexp,margin,targeted``, both protocols), then compares,
-per seed, clean accuracy and the adaptive worst case per example with the exact McNemar test, combined over
-seeds (``ducat.reproduce.stats``: the tests ``ducat reproduce`` uses for DUCAT against its base), and the
-per-seed differences with a paired t-test. McNemar counts only the examples as noise: two runs trained apart
-differ per example by more than that (training is chaotic), so the t-test over seeds, whose noise is the
-runs' own variation, is the one that says whether bf16 moves the result beyond what another seed does.
+per seed, clean accuracy and the adaptive worst case per example with the exact McNemar test (descriptive),
+then over all seeds x examples with the test ``ducat reproduce`` uses for DUCAT against its base
+(``ducat.reproduce.stats.seed_example_test``: seeds and examples both counted as noise, Holm over the two
+measures, no verdict below 5 seeds), and the per-seed differences with a paired t-test. McNemar counts only the
+examples as noise: two runs trained apart differ per example by more than that (training is chaotic).
 
     python benchmarks/bf16_accuracy.py --out /tmp/bf16acc               # 3 seeds, about 40 min on 2 cores
     python benchmarks/bf16_accuracy.py --out /tmp/bf16acc --seeds 5     # a rerun reuses finished runs
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--n-examples", type=int, default=1000)
     args = parser.parse_args()
     sys.path.insert(0, str(SRC))
-    from ducat.reproduce.stats import combined_p, mcnemar, verdict
+    from ducat.reproduce.stats import holm, mcnemar, seed_example_test, verdict
 
     results = {(seed, p): train_and_eval(args.out, seed, p, args) for seed in range(args.seeds) for p in PRECISIONS}
     print(f"\n{PRESET}, {args.n_train} training images, {args.epochs} epochs; fp32 evaluation on the first "
@@ -94,13 +94,20 @@ def main() -> None:
         print(f"| {seed} | " + " | ".join(cells) + " |")
     from scipy import stats
 
+    primary = {}  # measure -> the seeds x examples test of bf16 against fp32
+    for m in tests:
+        fp32_correct, bf16_correct = (np.stack([results[seed, p][m] for seed in range(args.seeds)]) for p in PRECISIONS)
+        primary[m] = seed_example_test(fp32_correct, bf16_correct)
+    adjusted = dict(zip(primary, holm([t.p for t in primary.values()])))
     for measure, label in (("clean", "clean accuracy"), ("worst", "adaptive worst case")):
+        test = primary[measure]
         diffs = [100 * t.difference for t in tests[measure]]
         fp32 = [100 * results[seed, "fp32"][measure].mean() for seed in range(args.seeds)]
         across = stats.ttest_1samp(diffs, 0.0).pvalue if len(diffs) > 1 else float("nan")
         print(f"\n{label}: bf16 - fp32 = {np.mean(diffs):+.2f} points on average (per seed "
-              + ", ".join(f"{d:+.1f}" for d in diffs) + f"); per example, McNemar combined over seeds: p "
-              f"{p_text(combined_p(tests[measure]))} ({verdict(tests[measure])}); across seeds, paired t-test on "
+              + ", ".join(f"{d:+.1f}" for d in diffs) + f"); seeds x examples: 95% CI [{100 * test.ci_low:+.2f}, "
+              f"{100 * test.ci_high:+.2f}], p {p_text(test.p)}, Holm p {p_text(adjusted[measure])} "
+              f"({verdict(test, adjusted[measure])}); across seeds, paired t-test on "
               f"the differences (the runs' own variation as the noise): p {across:.2g}; fp32 seed-to-seed standard "
               f"deviation {np.std(fp32, ddof=1):.1f} points")
 

@@ -70,9 +70,15 @@ def test_tables_mean_std_and_layout():
     assert table[2] == "| PGD-AT | 81.00 ± 1.41 | 51.00 ± 1.41 | 49.00 ± 1.41 |"
     assert table[3] == "| PGD-AT + DUCAT | 85.00 | 70.00 | - |"
     test = {"p": 0.0312, "only_base": 1, "only_other": 9}
-    stats = {"clean": {"per_seed": [test, test], "combined_p": 0.0004, "difference": 0.016, "verdict": "gain"}}
-    line = tables.significance_table([("PGD-AT + DUCAT", stats)]).splitlines()[2]
-    assert line == "| PGD-AT + DUCAT | clean | +1.60 | 0.031 (1/9), 0.031 (1/9) | 4.0e-04 | gain |"
+    stats = {"clean": {"per_seed": [test, test], "effect": 0.016, "ci_low": 0.004, "ci_high": 0.028, "p": 0.0004,
+                       "p_holm": 0.0016, "verdict": "gain"},
+             "worst": {"per_seed": [test], "effect": 0.5, "ci_low": None, "ci_high": None, "p": None, "p_holm": None,
+                       "verdict": "too few seeds for a verdict"}}
+    lines = tables.significance_table([("PGD-AT + DUCAT", stats)]).splitlines()
+    assert lines[2] == ("| PGD-AT + DUCAT | clean | +1.60 | [+0.40, +2.80] | 4.0e-04 | 0.0016 | gain | "
+                        "0.031 (1/9), 0.031 (1/9) |")
+    assert lines[3] == "| PGD-AT + DUCAT | worst | +50.00 | - | - | - | too few seeds for a verdict | 0.031 (1/9) |"
+    assert [tables.p_text(p) for p in (0.0, 1e-301, 2.5e-40, float("nan"))] == ["< 1e-300", "< 1e-300", "2.5e-40", "-"]
     targeted = tables.targeted_table({"run": {"original": 0.5, "dummy": 0.25}}).splitlines()
     assert targeted[2] == "| run | 50.00 | 25.00 |"
 

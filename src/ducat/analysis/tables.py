@@ -28,25 +28,41 @@ def main_table(headers: list[str], rows: list[tuple[str, list[list[float | None]
     return "\n".join(lines)
 
 
-def _p(value: float) -> str:
-    """A p-value for a table: two significant digits, scientific below 0.001, a bound below 1e-16 (the
-    precision of the normal tail that Stouffer's combination goes through)."""
-    if value < 1e-16:
-        return "< 1e-16"
+def p_text(value: float | None) -> str:
+    """A p-value for a table or a sentence: two significant digits, scientific below 0.001; a stated floor,
+    ``< 1e-300``, where float64 would underflow; ``-`` when not computable (None or NaN)."""
+    if value is None or np.isnan(value):
+        return "-"
+    if value < 1e-300:
+        return "< 1e-300"
     return f"{value:.2g}" if value >= 0.001 else f"{value:.1e}"
 
 
+def _points(value: float | None) -> str:
+    """A signed difference, a fraction, in accuracy points (``+1.60``); ``-`` when not computable."""
+    return "-" if value is None or np.isnan(value) else f"{100 * value:+.2f}"
+
+
+def effect_text(stats: dict[str, Any]) -> tuple[str, str]:
+    """The effect (run - base) of a paired test and its 95% CI, in accuracy points, from its fractions
+    ``effect``, ``ci_low``, ``ci_high``: ``("+1.60", "[-0.40, +3.60]")``; ``-`` for a value not computable."""
+    interval = "-" if stats["ci_low"] is None else f"[{_points(stats['ci_low'])}, {_points(stats['ci_high'])}]"
+    return _points(stats["effect"]), interval
+
+
 def significance_table(rows: list[tuple[str, dict[str, dict[str, Any]]]]) -> str:
-    """Paired tests of each run against its base, per measure (``clean``, ``worst``): the mean difference in
-    points, each seed's exact McNemar p (discordant counts base-only/other-only), the combined p, the reading."""
-    header = ("| run vs its base | measure | difference (points) | per seed: p (base only / run only) | "
-              "combined p | reading |")
-    lines = [header, "|---|---|---|---|---|---|"]
+    """Paired tests of each run against its base, per measure (``clean``, ``worst``): the effect in points (run -
+    base, mean over seeds and examples), its 95% CI, p and Holm-adjusted p of the seeds x examples test, the
+    verdict; then, descriptive only, each seed's exact McNemar p (discordant counts base-only/run-only)."""
+    header = ("| run vs its base | measure | effect (points) | 95% CI (points) | p | Holm p | verdict | "
+              "per seed, McNemar (descriptive): p (base only / run only) |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for label, measures in rows:
         for measure, stats in measures.items():
-            seeds = ", ".join(f"{_p(t['p'])} ({t['only_base']}/{t['only_other']})" for t in stats["per_seed"])
-            lines.append(f"| {label} | {measure} | {100 * stats['difference']:+.2f} | {seeds} | "
-                         f"{_p(stats['combined_p'])} | {stats['verdict']} |")
+            effect, interval = effect_text(stats)
+            seeds = ", ".join(f"{p_text(t['p'])} ({t['only_base']}/{t['only_other']})" for t in stats["per_seed"])
+            lines.append(f"| {label} | {measure} | {effect} | {interval} | {p_text(stats['p'])} | "
+                         f"{p_text(stats['p_holm'])} | {stats['verdict']} | {seeds} |")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ are cached per run (``RUN/eval``), so a rerun only computes what is missing.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from ducat.objectives import METHODS
 from ducat.reproduce.grid import GridRun
 from ducat.reproduce.models import transfer_between, tsne_features
 from ducat.reproduce.scales import VARIANTS, Scale
-from ducat.reproduce.stats import McNemar, combined_p, mcnemar, verdict
+from ducat.reproduce.stats import McNemar, SeedExampleTest, holm, mcnemar, seed_example_test, verdict
 
 # Table 1's columns: result id in report.json ("clean" = clean accuracy, "worst" = per-example worst case), header.
 COLUMNS = (
@@ -32,6 +33,7 @@ COLUMNS = (
     ("adaptive-dawa", "DAWA-style weighted CE, adaptive (raw 2C logits, projected scoring)"),
     ("worst", "worst case per example, every attack of both protocols (projected scoring)"),
 )
+MEASURES = {"clean": "clean", "worst": "worst_case"}  # measure of the paired tests -> its key in masks.npz
 
 
 @dataclass
@@ -43,12 +45,22 @@ class TableRow:
     runs: list[str]
     base: str | None = None  # the row this one is compared with
     values: dict[str, list[float | None]] = field(default_factory=dict)  # column -> per-seed accuracy
-    tests: dict[str, list[McNemar]] = field(default_factory=dict)  # "clean" / "worst" -> per-seed test
+    tests: dict[str, SeedExampleTest] = field(default_factory=dict)  # measure -> primary test, seeds x examples
+    holm_p: dict[str, float] = field(default_factory=dict)  # measure -> its p, Holm-adjusted over the whole table
+    per_seed: dict[str, list[McNemar]] = field(default_factory=dict)  # measure -> McNemar per seed (descriptive)
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        return {name: {"per_seed": [t.__dict__ for t in tests], "combined_p": combined_p(tests),
-                       "difference": float(np.mean([t.difference for t in tests])), "verdict": verdict(tests)}
-                for name, tests in self.tests.items()}
+        """Per measure: the primary test (``effect``, ``ci_low``, ``ci_high``: fractions; ``p``, ``p_holm``, ``df``,
+        ``seeds``, ``examples``), its ``verdict`` and each seed's McNemar test; None where not computable."""
+        return {name: {**{k: _number(v) for k, v in test.__dict__.items()}, "p_holm": _number(self.holm_p[name]),
+                       "verdict": verdict(test, self.holm_p[name]),
+                       "per_seed": [t.__dict__ for t in self.per_seed[name]]}
+                for name, test in self.tests.items()}
+
+
+def _number(value: float) -> float | None:
+    """A statistic for ``results.json``: None for NaN (not computable), which strict JSON cannot hold."""
+    return None if math.isnan(value) else value
 
 
 @dataclass
@@ -115,16 +127,27 @@ def table_rows(scale: Scale) -> list[TableRow]:
 
 
 def fill_table(rows: list[TableRow], out: Path) -> None:
-    """Per-seed accuracies of every row, and the paired tests of every row against its base."""
+    """Per-seed accuracies of every row, and the paired tests of every row against its base, their p-values
+    Holm-adjusted across every test of the table."""
     by_key = {r.key: r for r in rows}
     for row in rows:
         reports = [report_of(out, name) for name in row.runs]
         row.values = {c: [accuracy(r, c) for r in reports] for c, _ in COLUMNS}
-        if row.base is None:
-            continue
-        pairs = [(masks_of(out, b), masks_of(out, o)) for b, o in zip(by_key[row.base].runs, row.runs)]
-        row.tests = {"clean": [mcnemar(b["clean"], o["clean"]) for b, o in pairs],
-                     "worst": [mcnemar(b["worst_case"], o["worst_case"]) for b, o in pairs]}
+        if row.base is not None:
+            _compare(row, by_key[row.base], out)
+    family = [(row, measure) for row in rows for measure in row.tests]
+    for (row, measure), adjusted in zip(family, holm([row.tests[measure].p for row, measure in family])):
+        row.holm_p[measure] = adjusted
+
+
+def _compare(row: TableRow, base: TableRow, out: Path) -> None:
+    """Per measure, the primary test of ``row`` against ``base`` on the ``(seeds, examples)`` masks of all their
+    seeds (seed s of one paired with seed s of the other), and each seed's McNemar test."""
+    base_masks, row_masks = [masks_of(out, n) for n in base.runs], [masks_of(out, n) for n in row.runs]
+    for measure, key in MEASURES.items():
+        base_correct, row_correct = np.stack([m[key] for m in base_masks]), np.stack([m[key] for m in row_masks])
+        row.tests[measure] = seed_example_test(base_correct, row_correct)
+        row.per_seed[measure] = [mcnemar(b, o) for b, o in zip(base_correct, row_correct)]
 
 
 def collect(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None) -> Results:

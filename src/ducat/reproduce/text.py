@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 
 from ducat import analysis
+from ducat.analysis.tables import effect_text, p_text
 from ducat.reproduce.results import COLUMNS, Results, TableRow
 from ducat.reproduce.scales import VARIANTS, Scale
-from ducat.reproduce.stats import ALPHA
+from ducat.reproduce.stats import ALPHA, MIN_SEEDS, TOO_FEW_SEEDS
 
 
 def report_markdown(results: Results, figures: dict[str, Path], scale: Scale, footer: str) -> str:
@@ -59,9 +60,13 @@ def _significance(results: Results) -> str:
     rows = [(r.label, r.stats()) for r in results.rows if r.base is not None]
     return "\n".join([
         "## Does DUCAT change accuracy? Paired tests against the base run (same seed, same examples)", "",
-        f"Exact McNemar test per seed on per-example correctness; seeds combined with Stouffer's method on one-sided "
-        f"mid-p values. A difference is called a gain or a loss only when the combined p < {ALPHA}. Measures: "
-        "**clean** accuracy and the adaptive **worst case**.", "",
+        "The unit is the trained model: the effect (run minus base, accuracy points, averaged over seeds and "
+        "examples) has a standard error that counts both the seed-to-seed training noise and the test-example "
+        "noise (crossed random effects, Welch-Satterthwaite t, 95% CI). "
+        f"Holm's correction adjusts p across all {sum(len(m) for _, m in rows)} tests of the table, and a verdict "
+        f"needs Holm p < {ALPHA} and at least {MIN_SEEDS} seeds; fewer seeds get none. Per-seed exact McNemar tests "
+        "are descriptive: a small p says that seed's two networks differ beyond test noise, not that the training "
+        "methods do. Measures: **clean** accuracy and the adaptive **worst case**.", "",
         analysis.significance_table(rows)])
 
 
@@ -85,8 +90,11 @@ def _reading(results: Results) -> str:
 
 
 def _said(stats: dict[str, Any]) -> str:
-    p = stats["combined_p"]
-    return f"{stats['verdict']} ({100 * stats['difference']:+.2f} points, p {'< 1e-16' if p < 1e-16 else f'= {p:.2g}'})"
+    """The verdict of one paired test with its effect, 95% CI, p and Holm p: ``loss (-2.10 points, 95% CI
+    [-3.50, -0.70], p 0.0031, Holm p 0.025)``."""
+    effect, interval = effect_text(stats)
+    return (f"{stats['verdict']} ({effect} points, 95% CI {interval}, p {p_text(stats['p'])}, "
+            f"Holm p {p_text(stats['p_holm'])})")
 
 
 def _gap(row: TableRow) -> str:
@@ -97,17 +105,20 @@ def _gap(row: TableRow) -> str:
 
 
 def _open_question(results: Results) -> str:
-    """Does any dummy-class row keep a significant clean gain with honest robustness >= PGD-AT's?"""
+    """Does any dummy-class row have a clean-accuracy verdict above its base with honest robustness >= PGD-AT's?
+    Only a verdict counts; with too few seeds for any, the answer says so."""
     pgd_at = next(r for r in results.rows if r.key == "pgd_at")
     floor = _mean(pgd_at.values["worst"])
-    keepers = []
-    for row in (r for r in results.rows if r.base is not None):
-        stats = row.stats()
-        if stats["clean"]["verdict"] == "gain" and (_mean(row.values["worst"]) or 0) >= (floor or 0):
-            keepers.append(row.label)
-    answer = ", ".join(keepers) if keepers else "none"
-    return (f"Open question: which dummy-class runs keep a significant clean-accuracy gain over their base while "
-            f"their adaptive worst case is at least PGD-AT's ({100 * (floor or 0):.2f}%)? At this scale: **{answer}**.")
+    verdicts = {row.label: (row.stats()["clean"]["verdict"], _mean(row.values["worst"]) or 0)
+                for row in results.rows if row.base is not None}
+    keepers = [label for label, (said, worst) in verdicts.items() if said == "gain" and worst >= (floor or 0)]
+    if keepers:
+        answer = ", ".join(keepers)
+    else:
+        answer = f"no answer, {TOO_FEW_SEEDS}" if all(s == TOO_FEW_SEEDS for s, _ in verdicts.values()) else "none"
+    return (f"Open question: which dummy-class runs have clean accuracy significantly above their base's (a verdict: "
+            f"Holm p < {ALPHA}, at least {MIN_SEEDS} seeds) while their adaptive worst case is at least PGD-AT's "
+            f"({100 * (floor or 0):.2f}%)? At this scale: **{answer}**.")
 
 
 def _paper_figures(results: Results, link: dict[str, str], scale: Scale) -> str:
