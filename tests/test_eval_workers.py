@@ -53,13 +53,13 @@ def test_batches_are_near_equal_at_most_batch_size_and_at_least_one_per_worker()
 def test_two_workers_give_the_per_example_results_of_one_process(attacks):
     """With the same batches, which worker computes a batch changes nothing: every mask is identical."""
     model, x, y = trained_digits_mlp()
-    reports = [evaluate(model, x, y, EvalSettings(eps=0.1, attacks=attacks, batch_size=12, workers=workers),
-                        progress=False) for workers in (1, 2)]
+    reports = [evaluate(model, x, y, EvalSettings(eps=0.1, attacks=attacks, batch_size=12, workers=workers,
+                                                  convergence_examples=8), progress=False) for workers in (1, 2)]
     one, two = reports
     assert 0.1 < one.worst_case["robust_accuracy"] < one.clean_accuracy  # some examples broken, some not
     assert one.masks.keys() == two.masks.keys()
     assert all(np.array_equal(one.masks[k], two.masks[k]) for k in one.masks)
-    assert one.results == two.results and one.sanity == two.sanity
+    assert one.results == two.results and one.sanity == two.sanity and one.checks == two.checks
     assert one.settings["workers"] == 1 and two.settings["workers"] == 2
 
 

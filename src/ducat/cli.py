@@ -12,7 +12,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from ducat.cli_options import UsageError, check_output_dir, epochs_option, eval_settings, set_threads
+from ducat.cli_options import (
+    UsageError,
+    add_check_arguments,
+    check_output_dir,
+    epochs_option,
+    eval_settings,
+    set_threads,
+)
 from ducat.config import ScheduleWarning, load_config, load_run_config, parse_fraction
 from ducat.errors import USER_ERRORS, ConfigError
 from ducat.runtime import prepare_environment
@@ -155,13 +162,13 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     try:
         report = evaluate_checkpoint(args.target, args.out, eps=eps, settings=settings, data_root=args.data_root,
                                      dataset=args.dataset, model_name=args.model, device=args.device,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, load=args.load, surrogate=args.surrogate)
     except ValueError as exc:  # a model's own checks (shapes, names) on a foreign checkpoint
         if isinstance(exc, USER_ERRORS):
             raise
         raise ConfigError(str(exc)) from None
     print(report.to_markdown())
-    out = Path(args.out) if args.out else default_output(Path(args.target))
+    out = Path(args.out) if args.out else default_output(args.target and Path(args.target), args.load)
     print(f"\nreport written to {out / 'report.md'} and {out / 'report.json'}")
     return 0
 
@@ -169,7 +176,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     from ducat.eval.plan import ATTACK_NAMES, EvalSettings, Protocol
 
-    parser.add_argument("target", help="run directory or checkpoint (.pt or .safetensors)")
+    parser.add_argument("target", nargs="?", help="run directory or checkpoint (.pt or .safetensors); none with --load")
     parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
     parser.add_argument("--norm", choices=("Linf", "L2"),
                         help="threat model (default: the run's training attack norm, else Linf)")
@@ -191,6 +198,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or the checkpoint's directory/eval)")
     parser.add_argument("--dataset", help="dataset of a foreign checkpoint without a ducat config")
     parser.add_argument("--model", help="architecture of a foreign checkpoint (a ducat model name)")
+    add_check_arguments(parser)
     parser.add_argument("--data-root", help="dataset root directory")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines")

@@ -51,8 +51,62 @@ def check_output_dir(path: Path, option: str) -> None:
             return
 
 
+CHECK_OPTIONS = {  # ducat eval option -> EvalSettings field of a check of the evaluation itself (docs/evaluation.md)
+    "--unbounded-examples": ("unbounded_examples", "examples every attack attacks again without a budget (the "
+                                                   "bad-initialisation indicator)"),
+    "--unit-test-examples": ("unit_test_examples", "examples of the attack unit test"),
+    "--transfer-steps": ("transfer_steps", "PGD steps on the surrogate for the transfer row"),
+    "--convergence-examples": ("convergence_examples", "examples of the convergence check (the attacks that set "
+                                                       "the worst case, steps and restarts doubled)"),
+    "--square-queries": ("square_queries", "Square queries of the follow-up on the worst-case survivors when "
+                                           "Square beat the white-box attacks"),
+}
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """``ducat eval``'s options of the checks of the evaluation itself: their sizes, 0 for off."""
+    from ducat.eval.plan import EvalSettings
+
+    for option, (name, text) in CHECK_OPTIONS.items():
+        parser.add_argument(option, type=int, metavar="N", default=getattr(EvalSettings, name),
+                            help=f"{text} (default: %(default)s; 0: off)")
+    parser.add_argument("--no-indicators", action="store_true",
+                        help="do not trace the PGD runs for the attack-failure indicators")
+    parser.add_argument("--no-checks", action="store_true",
+                        help="none of the checks of the evaluation itself (indicators, unit test, transfer, "
+                             "convergence, Square follow-up): the attacks alone")
+    parser.add_argument("--load", metavar="MODULE:FUNCTION",
+                        help="evaluate the model a Python function returns (a C-class nn.Module taking [0,1] inputs, "
+                             "or (module, dummy_index) for a 2C dummy-class model); needs --dataset and --eps")
+    parser.add_argument("--surrogate", metavar="RUN",
+                        help="run directory or checkpoint of the transfer row's surrogate, e.g. the base model of the "
+                             "same method and seed (default: the original C logits of a DUCAT model)")
+
+
+def _check_settings(args: argparse.Namespace) -> dict:
+    """The check fields of EvalSettings from ``ducat eval``'s options."""
+    for option, (name, _) in CHECK_OPTIONS.items():
+        if getattr(args, name) < 0:
+            raise UsageError(f"{option} must be >= 0, got {getattr(args, name)}")
+    if args.no_checks:
+        return {"indicators": False, **{name: 0 for name, _ in CHECK_OPTIONS.values()}}
+    return {"indicators": not args.no_indicators, **{name: getattr(args, name) for name, _ in CHECK_OPTIONS.values()}}
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    """A run directory or checkpoint, or ``--load``: one of the two."""
+    if args.load is None and args.target is None:
+        raise UsageError("give a run directory or checkpoint, or --load MODULE:FUNCTION")
+    if args.load is not None and (args.target is not None or args.model is not None):
+        raise UsageError("--load evaluates the model its function returns: give no run directory, checkpoint or "
+                         "--model with it")
+    if args.load is not None and args.eps is None:
+        raise UsageError("--load needs --eps (a model from a function has no training radius)")
+
+
 def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> dict:
     """EvalSettings fields from ``ducat eval``'s options, checked before anything is loaded."""
+    _check_target(args)
     if args.eps is not None and not math.isfinite(parse_fraction(args.eps, "--eps")):
         raise UsageError(f"--eps must be a finite number, got {args.eps!r}")
     if args.batch_size < 1:
@@ -68,7 +122,8 @@ def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> di
     if args.out:
         check_output_dir(Path(args.out), "--out")
     settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "workers": args.workers,
-                "seed": args.seed, "early_stop": not args.no_early_stop, "norm": eval_norm(args)}
+                "seed": args.seed, "early_stop": not args.no_early_stop, "norm": eval_norm(args),
+                **_check_settings(args)}
     if args.fast:
         settings["attacks"] = fast_attacks
     if args.attacks:
@@ -83,8 +138,8 @@ def eval_norm(args: argparse.Namespace) -> str:
     training radius, so it is refused with another norm than the training one."""
     trained = None
     try:
-        saved = Path(args.target) / "config.yaml"
-        if saved.is_file():
+        saved = Path(args.target or "") / "config.yaml"
+        if args.target is not None and saved.is_file():
             trained = (yaml.safe_load(saved.read_text()).get("attack") or {}).get("norm", "Linf")
     except (OSError, ValueError, AttributeError, yaml.YAMLError):
         trained = None  # ducat eval's own loading reports what is wrong with the target

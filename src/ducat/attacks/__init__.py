@@ -6,6 +6,7 @@ from ducat.attacks.pgd import (
     NORMS,
     PGD,
     Norm,
+    PGDTrace,
     TradesAttack,
     cross_entropy,
     eval_mode,
@@ -13,5 +14,5 @@ from ducat.attacks.pgd import (
     targeted_margin_loss,
 )
 
-__all__ = ["NORMS", "PGD", "Norm", "TradesAttack", "correct_under_attack", "cross_entropy", "dummy_aware_weighted_ce",
-           "eval_mode", "margin_loss", "predictions", "targeted_margin_loss"]
+__all__ = ["NORMS", "PGD", "Norm", "PGDTrace", "TradesAttack", "correct_under_attack", "cross_entropy",
+           "dummy_aware_weighted_ce", "eval_mode", "margin_loss", "predictions", "targeted_margin_loss"]

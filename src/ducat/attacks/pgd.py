@@ -10,6 +10,7 @@ training run resumes bit-exactly.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Literal
 
 import torch
@@ -95,6 +96,40 @@ def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: f
     return (x + delta).clamp(0, 1)
 
 
+@dataclass
+class PGDTrace:
+    """What one call of a :class:`PGD` with ``trace=True`` went through, for the attack-failure indicators
+    (Pintor et al., "Indicators of Attack Failure", NeurIPS 2022). Row ``t`` of the per-step tensors is the
+    iterate after ``t`` steps: row 0 the (random) start, the last row the returned point.
+
+    ``objective``: ``(steps + 1, B)`` float32, the per-example quantity the attack maximises (its loss);
+    ``prediction``: ``(steps + 1, B)`` int64, the argmax of the attacked model's logits;
+    ``grad_norm``: ``(B,)`` L2 norm of the objective's input gradient at the start (zero with no step)."""
+
+    objective: torch.Tensor
+    prediction: torch.Tensor
+    grad_norm: torch.Tensor
+
+
+@dataclass
+class _Recorder:
+    """Collects a :class:`PGDTrace` step by step (detached copies only; nothing feeds back into the attack)."""
+
+    objective: list[torch.Tensor] = field(default_factory=list)
+    prediction: list[torch.Tensor] = field(default_factory=list)
+    grad_norm: torch.Tensor | None = None
+
+    def step(self, objective: torch.Tensor, logits: torch.Tensor, grad: torch.Tensor | None) -> None:
+        self.objective.append(objective.detach().float())
+        self.prediction.append(logits.detach().argmax(1))
+        if self.grad_norm is None:
+            self.grad_norm = grad.flatten(1).float().norm(dim=1) if grad is not None else torch.zeros_like(
+                self.objective[0])
+
+    def trace(self) -> PGDTrace:
+        return PGDTrace(torch.stack(self.objective), torch.stack(self.prediction), self.grad_norm)
+
+
 class PGD:
     r"""Projected gradient descent with random start, L-inf or L2.
 
@@ -109,6 +144,9 @@ class PGD:
             ``margin`` loss, maximises ``z_target - z_y``.
         generator: source of the random start (for reproducibility).
         norm: ``Linf`` (signed-gradient steps) or ``L2`` (normalised-gradient steps). Default ``Linf``.
+        trace: if True, each call leaves a :class:`PGDTrace` in ``attack.trace`` (per-step objective and
+            prediction, gradient norm at the start), at the cost of one more forward pass for the returned
+            point; the adversarial examples are the same. Default False (``attack.trace`` stays None).
 
     Shape:
         x: ``(B, C, H, W)`` in [0,1]; y: ``(B,)`` int64. Returns adversarial x of the same shape,
@@ -118,6 +156,8 @@ class PGD:
 
         >>> attack = PGD(model, eps=8/255, step_size=2/255, steps=10)
         >>> x_adv = attack(x, y)
+        >>> traced = PGD(model, eps=8/255, steps=10, trace=True)
+        >>> x_adv = traced(x, y); traced.trace.objective.shape      # (11, B)
     """
 
     def __init__(
@@ -131,6 +171,7 @@ class PGD:
         targeted: bool = False,
         generator: torch.Generator | None = None,
         norm: Norm = "Linf",
+        trace: bool = False,
     ):
         if eps < 0 or step_size < 0 or steps < 0:
             raise ValueError(f"eps, step_size and steps must be >= 0 (got {eps}, {step_size}, {steps})")
@@ -138,7 +179,7 @@ class PGD:
             raise ValueError(f"unknown norm '{norm}'; choose Linf or L2")
         self.model, self.eps, self.step_size, self.steps = model, eps, step_size, steps
         self.random_start, self.targeted, self.generator, self.norm = random_start, targeted, generator, norm
-        self.loss = loss
+        self.loss, self.tracing, self.trace = loss, trace, None
         self._loss = _loss_fn(loss)
 
     def objective(self, logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -154,12 +195,26 @@ class PGD:
             raise ValueError("a targeted PGD needs target labels: attack(x, y, target)")
         x = x.detach()
         x_adv = random_start(x, self.eps, self.norm, self.generator) if self.random_start else x.clone()
+        recorder = _Recorder() if self.tracing else None
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
-            loss = self.objective(self.model(x_adv), y, target).sum()
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            logits = self.model(x_adv)
+            objective = self.objective(logits, y, target)
+            (grad,) = torch.autograd.grad(objective.sum(), x_adv)
+            if recorder is not None:
+                recorder.step(objective, logits, grad)
             x_adv = ascent_step(x_adv.detach(), grad, x, self.eps, self.step_size, self.norm)
+        if recorder is not None:
+            self.trace = self._finish(recorder, x_adv, y, target)
         return x_adv.detach()
+
+    @torch.no_grad()
+    def _finish(self, recorder: _Recorder, x_adv: torch.Tensor, y: torch.Tensor,
+                target: torch.Tensor | None) -> PGDTrace:
+        """The trace, completed with the returned point (one forward pass)."""
+        logits = self.model(x_adv)
+        recorder.step(self.objective(logits, y, target), logits, None)
+        return recorder.trace()
 
 
 class TradesAttack:

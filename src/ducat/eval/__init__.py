@@ -1,7 +1,9 @@
 """``ducat eval``: robust accuracy under the paper's protocol and under adaptive attacks, side by side.
 
 :mod:`~ducat.eval.plan` declares the attacks (typed specs), :mod:`~ducat.eval.runner` runs any plan with
-one loop and a resumable cache, :mod:`~ducat.eval.report` assembles and writes the report.
+one loop and a resumable cache, :mod:`~ducat.eval.checks` checks the evaluation itself (attack-failure
+indicators, attack unit tests, transfer, convergence), :mod:`~ducat.eval.report` assembles and writes the report,
+and :mod:`~ducat.eval.load` takes models trained elsewhere (``--load``).
 AutoAttack is the official code as repackaged by ``pyautoattack``; torchattacks' port is weaker
 (10 iterations instead of 100) and is never used here.
 """

@@ -4,6 +4,11 @@
 the batch, so every attack is reproducible and independent of the others. The attacks themselves
 are :class:`ducat.attacks.PGD` (hand-written: it is also the training attack) and AutoAttack from
 ``pyautoattack`` (the official code, repackaged).
+
+At ``strength`` s > 1 (the convergence check) every attack runs s times its steps (AutoAttack: iterations
+and Square queries) and s times its restarts, first success kept; at strength 1 each runs exactly as it
+always did. With ``settings.indicators`` every PGD run leaves its trace in the context
+(:attr:`AttackContext.traced`, with the batch positions it attacked) for :mod:`ducat.eval.indicators`.
 """
 
 from __future__ import annotations
@@ -22,39 +27,48 @@ from ducat.dummy import DummyClassModel, OriginalLogits, deployed
 from ducat.eval.plan import EvalSettings, Factory, View
 
 Craft = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+Run = Callable[[int, torch.Tensor, int], torch.Tensor]  # run(part, idx, seed) -> x_adv of x[idx]
 
 
-def model_views(model: nn.Module) -> dict[View, nn.Module]:
-    """Every view an attack may take gradients from (a plain model has one: itself), each with its eval-mode
-    BatchNorms folded into the preceding convolutions (:mod:`ducat.attacks.fold`): the same function to
-    float rounding, computed faster. Adversarial inputs are always scored on the model itself."""
+def model_views(model: nn.Module, surrogate: nn.Module | None = None) -> dict[View, nn.Module]:
+    """Every view an attack may take gradients from (a plain model has one: itself; a ``surrogate`` adds its
+    deployed classifier), each with its eval-mode BatchNorms folded into the preceding convolutions
+    (:mod:`ducat.attacks.fold`): the same function to float rounding, computed faster. Adversarial inputs
+    are always scored on the model itself."""
+    extra = {} if surrogate is None else {View.SURROGATE: folded(deployed(surrogate))}
     if not isinstance(model, DummyClassModel):
         view = folded(model)
-        return {View.RAW: view, View.MAX_MERGED: view}
+        return {View.RAW: view, View.MAX_MERGED: view} | extra
     views = {View.RAW: model, View.ORIGINAL: OriginalLogits(model), View.MAX_MERGED: deployed(model),
              View.LSE_MERGED: model.projected("logsumexp")}
-    return {name: folded(view) for name, view in views.items()}
+    return {name: folded(view) for name, view in views.items()} | extra
 
 
 @dataclass
 class AttackContext:
-    """What a factory may use: the model (eval mode), its views, the settings and this attack's budget."""
+    """What a factory may use: the model (eval mode), its views, the settings, this attack's budget and
+    strength. ``traced``: every traced PGD run of the batch with the batch positions it attacked (None: all)."""
 
     model: nn.Module
     views: dict[View, nn.Module]
     settings: EvalSettings
     eps: float
     log: list[str] = field(default_factory=list)  # AutoAttack's log lines, for the sanity checks
+    strength: int = 1
+    traced: list[tuple[PGD, torch.Tensor | None]] = field(default_factory=list)
 
     @property
     def step(self) -> float:
         return self.settings.step if self.eps == self.settings.eps else self.eps / 4
 
     def pgd(self, view: View, steps: int, seed: int, device: torch.device, **kwargs) -> PGD:
-        """PGD on ``view`` with this attack's budget, step and norm; random start from ``seed`` on ``device``."""
+        """PGD on ``view`` with this attack's budget, step and norm, ``steps`` times the strength; random start
+        from ``seed`` on ``device``; traced when the settings ask for the indicators."""
         generator = torch.Generator(device=device).manual_seed(seed)
-        return PGD(self.views[view], self.eps, self.step, steps, generator=generator, norm=self.settings.norm,
-                   **kwargs)
+        attack = PGD(self.views[view], self.eps, self.step, steps * self.strength, generator=generator,
+                     norm=self.settings.norm, trace=self.settings.indicators, **kwargs)
+        self.traced.append((attack, None))
+        return attack
 
 
 def sub_seed(seed: int, part: int | str) -> int:
@@ -74,7 +88,9 @@ def first_success(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, runs: in
         idx = alive.nonzero().squeeze(1)
         if len(idx) == 0:
             break
+        before = len(ctx.traced)
         x_adv = run(i, idx)
+        ctx.traced[before:] = [(attack, idx) for attack, _ in ctx.traced[before:]]
         with torch.no_grad():
             fooled = ctx.views[View.MAX_MERGED](x_adv).argmax(1) != y[idx]
         best[idx[fooled]] = x_adv[fooled]
@@ -82,10 +98,28 @@ def first_success(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, runs: in
     return best
 
 
+def restarted(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, seed: int, runs: int, run: Run) -> torch.Tensor:
+    """:func:`first_success` over ``run(part, idx, seed)`` for part < ``runs``, each part ``ctx.strength`` times:
+    repeat 0 with ``sub_seed(seed, part)`` (the attack's own runs), repeat r with another seed."""
+    def one(i: int, idx: torch.Tensor) -> torch.Tensor:
+        repeat, part = divmod(i, runs)
+        return run(part, idx, sub_seed(seed, part if repeat == 0 else f"{part}/repeat{repeat}"))
+    return first_success(ctx, x, y, runs * ctx.strength, one)
+
+
+def single(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, seed: int, run: Run) -> torch.Tensor:
+    """``run(0, all, seed)``: one run at strength 1; at strength s, s restarts (seeds derived from ``seed``)."""
+    if ctx.strength == 1:
+        return run(0, torch.arange(len(y), device=y.device), seed)
+    return restarted(ctx, x, y, seed, 1, run)
+
+
 def pgd(view: View, steps: int) -> Factory:
     """Untargeted PGD on CE over ``view``, step eps/4 (the spec's budget)."""
     def factory(ctx: AttackContext) -> Craft:
-        return lambda x, y, seed: ctx.pgd(view, steps, seed, x.device)(x, y)
+        def craft(x, y, seed):
+            return single(ctx, x, y, seed, lambda _, idx, s: ctx.pgd(view, steps, s, x.device)(x[idx], y[idx]))
+        return craft
     return factory
 
 
@@ -99,7 +133,8 @@ def targeted_random(view: View, dummy_targets: bool) -> Factory:
             target = ((y.cpu() + drawn) % c).to(y.device)
             if dummy_targets:
                 target = ctx.model.dummy_index[target]
-            return ctx.pgd(view, 10, seed, x.device, targeted=True)(x, y, target)
+            return single(ctx, x, y, seed, lambda _, idx, s: ctx.pgd(view, 10, s, x.device, targeted=True)(
+                x[idx], y[idx], target[idx]))
         return craft
     return factory
 
@@ -115,10 +150,10 @@ def targeted_top() -> Factory:
             k = min(ctx.settings.n_targets, scores.shape[1] - 1)
             targets = scores.topk(k, dim=1).indices
 
-            def run(rank, idx):
-                attack = ctx.pgd(view, 100, sub_seed(seed, rank), x.device, loss="margin", targeted=True)
+            def run(rank, idx, run_seed):
+                attack = ctx.pgd(view, 100, run_seed, x.device, loss="margin", targeted=True)
                 return attack(x[idx], y[idx], targets[idx, rank])
-            return first_success(ctx, x, y, k, run)
+            return restarted(ctx, x, y, seed, k, run)
         return craft
     return factory
 
@@ -127,9 +162,9 @@ def margin_restarts() -> Factory:
     """PGD-100 on the CW margin of the projected classifier, ``margin_restarts`` random restarts."""
     def factory(ctx: AttackContext) -> Craft:
         def craft(x, y, seed):
-            def run(restart, idx):
-                return ctx.pgd(View.MAX_MERGED, 100, sub_seed(seed, restart), x.device, loss="margin")(x[idx], y[idx])
-            return first_success(ctx, x, y, ctx.settings.margin_restarts, run)
+            def run(_, idx, run_seed):
+                return ctx.pgd(View.MAX_MERGED, 100, run_seed, x.device, loss="margin")(x[idx], y[idx])
+            return restarted(ctx, x, y, seed, ctx.settings.margin_restarts, run)
         return craft
     return factory
 
@@ -141,10 +176,10 @@ def dawa() -> Factory:
         s = ctx.settings
 
         def craft(x, y, seed):
-            def run(i, idx):
+            def run(i, idx, run_seed):
                 loss = dummy_aware_weighted_ce(s.dawa_weights[i], ctx.model.dummy_index)
-                return ctx.pgd(View.RAW, s.dawa_steps, sub_seed(seed, i), x.device, loss=loss)(x[idx], y[idx])
-            return first_success(ctx, x, y, len(s.dawa_weights), run)
+                return ctx.pgd(View.RAW, s.dawa_steps, run_seed, x.device, loss=loss)(x[idx], y[idx])
+            return restarted(ctx, x, y, seed, len(s.dawa_weights), run)
         return craft
     return factory
 
@@ -157,25 +192,53 @@ def autoattack(view: View, white_box: bool = False) -> Factory:
     ``white_box`` its gradient attacks alone (:data:`WHITE_BOX`, standard parameters).
 
     Seeded with the evaluation's own ``seed`` (not a derived one), so that on a plain model the result
-    equals calling pyautoattack with that seed."""
+    equals calling pyautoattack with that seed. At strength s: s times the APGD iterations and restarts, the
+    FAB iterations (FAB-T's restarts are fixed at 1 by pyautoattack) and the Square queries."""
     def factory(ctx: AttackContext) -> Craft:
-        from pyautoattack import AutoAttack
-
         def craft(x, y, seed):
-            aa = AutoAttack(ctx.views[view], eps=ctx.eps, norm=ctx.settings.norm, seed=ctx.settings.seed,
-                            version="standard", device=x.device)
-            if white_box:
-                aa.attacks_to_run = list(WHITE_BOX)
-            handler = _ListHandler(ctx.log)
-            aa.logger.addHandler(handler)
-            aa.logger.setLevel(logging.DEBUG)
-            try:
-                x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=ctx.settings.batch_size)
-            finally:
-                aa.logger.removeHandler(handler)
-            return x_adv
+            aa = _autoattack(ctx, view, x.device, list(WHITE_BOX) if white_box else None)
+            for attack, names in ((aa.apgd, ("n_iter", "n_restarts")), (aa.apgd_targeted, ("n_iter", "n_restarts")),
+                                  (aa.fab, ("n_iter",)), (aa.square, ("n_queries",))):
+                for name in names:
+                    setattr(attack, name, getattr(attack, name) * ctx.strength)
+            return _run_logged(ctx, aa, x, y)
         return craft
     return factory
+
+
+def square(queries: int) -> Factory:
+    """AutoAttack's Square (margin loss, the official schedule) alone with ``queries`` queries on the projected
+    classifier: the follow-up when Square removed points after the white-box attacks."""
+    def factory(ctx: AttackContext) -> Craft:
+        def craft(x, y, seed):
+            aa = _autoattack(ctx, View.MAX_MERGED, x.device, ["square"])
+            aa.square.n_queries = queries * ctx.strength
+            return _run_logged(ctx, aa, x, y)
+        return craft
+    return factory
+
+
+def _autoattack(ctx: AttackContext, view: View, device: torch.device, attacks: list[str] | None):
+    """pyautoattack's standard AutoAttack on ``view``, seeded with the evaluation's seed; ``attacks``: a subset."""
+    from pyautoattack import AutoAttack
+
+    aa = AutoAttack(ctx.views[view], eps=ctx.eps, norm=ctx.settings.norm, seed=ctx.settings.seed,
+                    version="standard", device=device)
+    if attacks is not None:
+        aa.attacks_to_run = attacks
+    return aa
+
+
+def _run_logged(ctx: AttackContext, aa, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``aa.run_standard_evaluation`` with its log lines appended to ``ctx.log``."""
+    handler = _ListHandler(ctx.log)
+    aa.logger.addHandler(handler)
+    aa.logger.setLevel(logging.DEBUG)
+    try:
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=ctx.settings.batch_size)
+    finally:
+        aa.logger.removeHandler(handler)
+    return x_adv
 
 
 class _ListHandler(logging.Handler):

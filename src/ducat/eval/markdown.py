@@ -35,6 +35,10 @@ def report_markdown(report: "EvalReport") -> str:
                                                           is not None else "") for row in report.eps_sweep)]
     lines += ["", "Sanity checks:"] + ([f"- {c['status']}: {c['check']}" for c in report.sanity]
                                        or ["- none applies to the attacks run"])
+    if report.checks:
+        from ducat.eval.checks_markdown import checks_markdown
+
+        lines += checks_markdown(report.checks)
     lines += _provenance(report.provenance)
     lines += ["", f"Wall time {report.wall_time_s:.1f} s."]
     return "\n".join(lines)
@@ -57,9 +61,14 @@ def _table(report: "EvalReport") -> list[str]:
         lines.append(f"| AutoAttack on the raw 2C logits, scored by the raw 2C argmax (raw-autoattack) | "
                      f"{pct(raw['robust_accuracy'])} | | the released code's call: no projection anywhere |")
     worst = report.worst_case
+    aside = ", the checks' rows aside" if any(row.get("check") for row in report.results) else ""
     lines.append(f"| **worst case per example** | | **{pct(worst['robust_accuracy'])}** | "
                  f"robust only if it survived every attack above at this eps ({' and '.join(worst['protocols'])} "
-                 "protocol) |")
+                 f"protocol){aside} |")
+    with_checks = report.checks.get("worst_case_with_checks")
+    if with_checks is not None and with_checks < worst["robust_accuracy"]:
+        lines.append(f"| **worst case with the checks' attacks** | | **{pct(with_checks)}** | the transfer row and "
+                     "the Square follow-up counted too |")
     return lines
 
 
@@ -84,6 +93,12 @@ def _provenance(provenance: dict[str, Any]) -> list[str]:
     if checkpoint:
         epoch = "" if checkpoint.get("epoch") is None else f"epoch {checkpoint['epoch']}, "
         lines.append(f"- checkpoint scored: `{checkpoint['path']}` ({epoch}SHA-256 {checkpoint['sha256']})")
+    loaded, surrogate = provenance.get("loaded"), provenance.get("surrogate")
+    if loaded:
+        lines.append(f"- model scored: returned by `{loaded['function']}`, defined in `{loaded['module_file']}` "
+                     f"(SHA-256 {loaded['sha256']})")
+    if surrogate:
+        lines.append(f"- transfer surrogate: `{surrogate['path']}` (SHA-256 {surrogate['sha256']})")
     for key in ("examples", "examples_sha256", "ducat", "git_commit", "torch", "pyautoattack", "device", "command"):
         if provenance.get(key) is not None:
             lines.append(f"- {key.replace('_', ' ')}: `{provenance[key]}`")

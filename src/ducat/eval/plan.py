@@ -45,6 +45,7 @@ class View(str, Enum):
     ORIGINAL = "original C logits"
     MAX_MERGED = "projected classifier (max-merged logits)"
     LSE_MERGED = "logsumexp-merged logits"
+    SURROGATE = "surrogate model (--surrogate)"
 
 
 class Scope(str, Enum):
@@ -74,6 +75,8 @@ class AttackId(str, Enum):
     LSE_AUTOATTACK = "adaptive-lse-autoattack"
     MARGIN = "adaptive-margin"
     TARGETED_TOP = "adaptive-targeted-top"
+    TRANSFER = "adaptive-transfer"
+    SQUARE_FOLLOWUP = "adaptive-square-followup"
 
 
 # On a model without dummy classes the paper's attack *is* the adaptive one; reports list it under both ids.
@@ -85,6 +88,7 @@ ATTACK_NAMES = ("pgd10", "pgd100", "autoattack", "logsumexp", "logsumexp-autoatt
                 "eps-sweep")
 FAST_ATTACKS = ("pgd10", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+CHECK_SIZES = ("unbounded_examples", "unit_test_examples", "transfer_steps", "convergence_examples", "square_queries")
 
 
 @dataclass(frozen=True)
@@ -95,7 +99,15 @@ class EvalSettings:
     Each attack splits the examples it attacks into near-equal batches of at most ``batch_size``, and
     into at least ``workers`` of them, which that many processes attack in parallel
     (:mod:`ducat.eval.workers`; None: one single-threaded worker per torch thread on a Linux CPU, else
-    1). Random starts are drawn per batch, so results depend on both (and on ``seed``)."""
+    1). Random starts are drawn per batch, so results depend on both (and on ``seed``).
+
+    The checks of the evaluation itself (``docs/evaluation.md``; 0 turns one off): ``indicators`` traces every
+    PGD run for the attack-failure indicators (one more forward pass per run); ``unbounded_examples``
+    clean-correct examples are attacked again without a budget (bad initialisation); the attack unit test
+    runs on ``unit_test_examples`` examples; ``transfer_steps`` PGD steps on the surrogate craft the transfer
+    row; the convergence check reruns the attacks that set the worst case, steps and restarts doubled, on
+    the first ``convergence_examples`` examples; Square with ``square_queries`` queries attacks the worst-case
+    survivors when the black-box Square hint fires."""
 
     eps: float
     norm: Norm = "Linf"
@@ -111,6 +123,12 @@ class EvalSettings:
     n_targets: int = 9
     dawa_weights: tuple[float, ...] = (0.25, 0.5, 0.75)
     dawa_steps: int = 100
+    indicators: bool = True
+    unbounded_examples: int = 16
+    unit_test_examples: int = 10
+    transfer_steps: int = 100
+    convergence_examples: int = 64
+    square_queries: int = 20000
 
     def __post_init__(self) -> None:
         if not self.eps > 0:
@@ -132,6 +150,10 @@ class EvalSettings:
             raise ConfigError("margin_restarts, n_targets and dawa_steps must be >= 1")
         if not self.dawa_weights or not all(0.0 <= w <= 1.0 for w in self.dawa_weights):
             raise ConfigError(f"dawa_weights must be in [0, 1], got {self.dawa_weights}")
+        sizes = {name: getattr(self, name) for name in CHECK_SIZES}
+        bad = next((f"{name} must be >= 0, got {v}" for name, v in sizes.items() if v < 0), None)
+        if bad:
+            raise ConfigError(bad)
 
     @property
     def step(self) -> float:
@@ -152,6 +174,8 @@ class AttackSpec:
 
     ``rescores``: reuse the adversarial predictions of that attack (same inputs) with this spec's
     ``scoring`` instead of crafting anew. ``eps_factor`` scales the budget (the eps sweep).
+    ``strength`` multiplies the attack's steps and restarts (the convergence check); ``variant`` names a
+    check's rerun in the key; ``counted=False`` keeps a result out of the worst case (a check's attack).
     """
 
     id: AttackId
@@ -163,25 +187,33 @@ class AttackSpec:
     scoring: Scoring = Scoring.PROJECTED
     eps_factor: float = 1.0
     rescores: AttackId | None = None
+    strength: int = 1
+    variant: str = ""
+    counted: bool = True
     note: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:
-        """Unique name of the result: the id, plus the budget when it is not the evaluation's."""
+        """Unique name of the result: the id, plus the budget when it is not the evaluation's, plus a check's
+        variant."""
+        if self.variant:
+            return f"{self.id.value}@{self.variant}"
         return self.id.value if self.eps_factor == 1.0 else f"{self.id.value}@eps-x{self.eps_factor:g}"
 
     @property
     def in_worst_case(self) -> bool:
-        """Whether the per-example worst case counts this result (deployed scoring at the evaluation eps)."""
-        return self.scoring is Scoring.PROJECTED and self.eps_factor == 1.0
+        """Whether the per-example worst case counts this result (deployed scoring at the evaluation eps, an
+        attack of the evaluation rather than of a check)."""
+        return self.scoring is Scoring.PROJECTED and self.eps_factor == 1.0 and self.counted and not self.variant
 
 
-def build_plan(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
+def build_plan(settings: EvalSettings, is_dummy: bool, surrogate: bool = False) -> list[AttackSpec]:
     """The ordered attack sequence for ``settings`` on a model with (``is_dummy``) or without dummy classes.
 
     Standalone attacks (on every clean-correct example) come first; then, on a DUCAT model, the
     cumulative adaptive attacks (on the survivors of everything before them when ``early_stop``);
-    then the eps sweep."""
+    then the eps sweep; last the transfer row (from the ``surrogate`` model when there is one, else from the
+    original C logits of a DUCAT model), which the worst case does not count."""
     plan: list[AttackSpec] = []
     if is_dummy and Protocol.PAPER in settings.protocols:
         plan += _paper(settings)
@@ -189,7 +221,20 @@ def build_plan(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
         plan += _adaptive(settings, is_dummy)
     if "eps-sweep" in settings.attacks:
         plan += _sweep(settings, is_dummy)
+    if settings.transfer_steps and (surrogate or is_dummy):
+        plan.append(_transfer(settings, surrogate))
     return plan
+
+
+def _transfer(settings: EvalSettings, surrogate: bool) -> AttackSpec:
+    """PGD on CE over the surrogate (or the original C logits), scored on the deployed classifier."""
+    from ducat.eval import attacks as a
+
+    view, source = (View.SURROGATE, "the surrogate") if surrogate else (View.ORIGINAL, "the original C logits")
+    return AttackSpec(AttackId.TRANSFER, Protocol.ADAPTIVE, view, f"transfer: PGD-{settings.transfer_steps} on "
+                      f"{source}", a.pgd(view, settings.transfer_steps), counted=False,
+                      note="crafted on a surrogate, scored on the deployed classifier; a check: not counted in the "
+                           "worst case")
 
 
 def _paper(settings: EvalSettings) -> list[AttackSpec]:

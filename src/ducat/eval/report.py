@@ -3,7 +3,11 @@ sweep and sanity checks; written as ``report.json``, ``report.md`` and ``masks.n
 
 JSON contract (other tools read it): ``n_examples``, ``epsilon``, ``norm``, ``clean_accuracy``, a list
 ``results`` of ``{"id", "protocol", "attack", "robust_accuracy", ...}`` (fractions in [0,1]) and
-``worst_case: {"protocol", "protocols", "attacks", "robust_accuracy"}``.
+``worst_case: {"protocol", "protocols", "attacks", "robust_accuracy"}`` (a result row of a check's attack has
+``"check": true`` and is not counted there). ``checks`` holds the checks of the
+evaluation itself (:func:`ducat.eval.checks.run_checks`; ``docs/evaluation.md``): ``indicators`` (per attack:
+``id``, ``verdict``, ``fired``, ``advice``, ``counts``), ``unit_test``, ``transfer``, ``convergence``,
+``square_followup``, ``worst_case_with_checks`` and ``summary`` (PASS/WARN lines).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class EvalReport:
     wall_time_s: float
     dummy_index: list[int] | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
     masks: dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -93,7 +98,7 @@ def build_report(plan: list[AttackSpec], outcome: Outcome, labels: np.ndarray, s
 def _row(spec: AttackSpec, key: str, protocol: Protocol, accuracy: float) -> dict[str, Any]:
     row = {"id": key, "protocol": protocol.value, "attack": spec.label, "view": spec.view.value,
            "scope": spec.scope.value, "scoring": spec.scoring.value, "robust_accuracy": accuracy}
-    return row | ({"note": spec.note} if spec.note else {})
+    return row | ({"note": spec.note} if spec.note else {}) | ({} if spec.counted else {"check": True})
 
 
 def _settings_json(settings: EvalSettings) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -34,6 +34,7 @@ from torch import nn
 
 from ducat.attacks import predictions
 from ducat.eval.attacks import AttackContext, model_views
+from ducat.eval.indicators import batch_flags
 from ducat.eval.plan import AttackSpec, EvalSettings, Scope, Scoring, View
 from ducat.eval.workers import MapFn, worker_pool
 from ducat.fileio import atomic_write_bytes
@@ -42,16 +43,19 @@ from ducat.fileio import atomic_write_bytes
 @dataclass
 class AttackResult:
     """Per-example outcome of one attack, numpy ``(N,)`` arrays: ``robust`` (bool; False where not attacked),
-    ``raw`` and ``projected`` predictions on the adversarial input (-1 where not attacked), ``attacked``."""
+    ``raw`` and ``projected`` predictions on the adversarial input (-1 where not attacked), ``attacked``;
+    ``indicators``: the attack-failure flags by name, ``(N,)`` bool each (:mod:`ducat.eval.indicators`)."""
 
     robust: np.ndarray
     raw: np.ndarray
     projected: np.ndarray
     attacked: np.ndarray
+    indicators: dict[str, np.ndarray] = field(default_factory=dict)
 
     def restricted(self, on: np.ndarray) -> "AttackResult":
         """This result seen on the examples ``on`` only (a cached run may have attacked more)."""
-        return AttackResult(self.robust & on, np.where(on, self.raw, -1), np.where(on, self.projected, -1), on.copy())
+        return AttackResult(self.robust & on, np.where(on, self.raw, -1), np.where(on, self.projected, -1), on.copy(),
+                            {name: flag & on for name, flag in self.indicators.items()})
 
 
 @dataclass
@@ -104,9 +108,11 @@ def seed_for(settings: EvalSettings, spec: AttackSpec, first_index: int) -> int:
 
 
 class ResultCache:
-    """Attack results on disk, one ``.npz`` per spec, named by its key and the run's fingerprint."""
+    """Attack results on disk, one ``.npz`` per spec, named by its key and the run's fingerprint (indicator
+    flags stored as ``indicator/<name>``)."""
 
     FIELDS = ("robust", "raw", "projected", "attacked")
+    FLAG = "indicator/"
 
     def __init__(self, directory: Path | None, fingerprint: str, n: int):
         self.directory, self.fingerprint, self.n = directory, fingerprint, n
@@ -121,28 +127,32 @@ class ResultCache:
         try:
             with np.load(self._path(key), allow_pickle=False) as data:
                 arrays = {name: data[name] for name in self.FIELDS}
+                flags = {name[len(self.FLAG):]: data[name] for name in data.files if name.startswith(self.FLAG)}
         except Exception:  # a damaged zip raises many types (BadZipFile, EOFError, NotImplementedError, ...)
             return None
-        if any(a.shape != (self.n,) for a in arrays.values()) or arrays["robust"].dtype != bool \
-                or arrays["attacked"].dtype != bool:
+        if any(a.shape != (self.n,) for a in [*arrays.values(), *flags.values()]) or arrays["robust"].dtype != bool \
+                or arrays["attacked"].dtype != bool or any(f.dtype != bool for f in flags.values()):
             return None
         if (on & ~arrays["attacked"]).any():
             return None
-        return AttackResult(**arrays).restricted(on)
+        return AttackResult(**arrays, indicators=flags).restricted(on)
 
     def put(self, key: str, result: AttackResult) -> None:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
-        np.savez(buffer, **asdict(result))
+        np.savez(buffer, **{name: getattr(result, name) for name in self.FIELDS},
+                 **{self.FLAG + name: flag for name, flag in result.indicators.items()})
         atomic_write_bytes(self._path(key), buffer.getvalue())
 
 
-def run_fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings) -> str:
-    """What every cached result of one evaluation depends on, hashed."""
+def run_fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
+                    surrogate: nn.Module | None = None) -> str:
+    """What every cached result of one evaluation depends on, hashed (the transfer row's surrogate included)."""
     fields = {k: v for k, v in asdict(settings).items() if k not in ("attacks", "protocols", "n_examples")}
-    text = json.dumps([model_fingerprint(model), tensor_digest(x, y), fields, code_version()], default=str)
+    models = [model_fingerprint(m) for m in (model, surrogate) if m is not None]
+    text = json.dumps([*models, tensor_digest(x, y), fields, code_version()], default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -159,18 +169,22 @@ class _Shared:
 
 
 def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalSettings,
-             cache: ResultCache, progress: Callable[[str, int, int], None] = lambda *a: None) -> Outcome:
+             cache: ResultCache, progress: Callable[[str, int, int], None] = lambda *a: None,
+             surrogate: nn.Module | None = None, survivors: np.ndarray | None = None) -> Outcome:
     """Run ``plan`` on ``model`` (eval mode) and ``(x, y)``: ``x`` ``(N, C, H, W)`` in [0,1], ``y`` ``(N,)``.
 
     ``settings.workers`` (resolved, not None) processes attack the batches (:mod:`ducat.eval.workers`), the
-    batches of all the attacks of one :func:`waves` group at once."""
+    batches of all the attacks of one :func:`waves` group at once. ``surrogate``: the transfer row's model
+    (eval mode). ``survivors`` ``(N,)``: the examples robust so far (a follow-up to an earlier plan; default
+    every clean-correct one)."""
     projected, raw = predictions(model, x, settings.batch_size)
     clean = (projected == y).cpu().numpy()
     labels = y.cpu().numpy()
     results: dict[str, AttackResult] = {}
     logs: dict[str, list[str]] = {}
-    worst = clean.copy()
-    with worker_pool(settings.workers, _Shared(plan, model, model_views(model), settings, x, y)) as map_jobs:
+    worst = clean.copy() if survivors is None else clean & survivors
+    shared = _Shared(plan, model, model_views(model, surrogate), settings, x, y)
+    with worker_pool(settings.workers, shared) as map_jobs:
         for wave in waves(plan):
             for number in wave:
                 progress(plan[number].key, number + 1, len(plan))
@@ -181,7 +195,7 @@ def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch
                     source = results[spec.rescores.value]
                     results[spec.key] = AttackResult((source.raw == labels) & source.attacked, source.raw,
                                                      source.projected, source.attacked)
-                if spec.in_worst_case:
+                if spec.in_worst_case or (spec.variant and spec.scoring is Scoring.PROJECTED):  # or a check's rerun
                     worst &= results[spec.key].robust | ~clean
     return Outcome(clean, raw.cpu().numpy(), results, worst, logs)
 
@@ -214,15 +228,17 @@ def _run_wave(plan: list[AttackSpec], wave: list[int], survivors: np.ndarray, cl
             continue
         n = len(on)
         pending[number] = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64),
-                                       on.copy())
+                                       on.copy(), {})
         jobs += [(number, batch) for batch in split_batches(np.flatnonzero(on), settings.batch_size,
                                                             settings.workers)]
     left = Counter(number for number, _ in jobs)
     lines: dict[int, list[str]] = {}
-    for index, (robust, raw, projected, log) in map_jobs(_attack_batch, jobs):
+    for index, (robust, raw, projected, log, flags) in map_jobs(_attack_batch, jobs):
         number, batch = jobs[index]
         result = pending[number]
         result.robust[batch], result.raw[batch], result.projected[batch], lines[index] = robust, raw, projected, log
+        for name, flag in flags.items():
+            result.indicators.setdefault(name, np.zeros(len(result.robust), bool))[batch] = flag
         left[number] -= 1
         if not left[number]:  # complete: keep it, with its AutoAttack log lines in batch order
             logs[plan[number].key] = [line for i, (n, _) in enumerate(jobs) if n == number for line in lines.pop(i)]
@@ -238,17 +254,21 @@ def split_batches(index: np.ndarray, batch_size: int, workers: int) -> list[np.n
     return np.array_split(index, parts) if parts else []
 
 
-def _attack_batch(shared: _Shared, job: tuple[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
-    """One batch of one attack: (robust, raw and projected predictions on the adversarial inputs, log lines)."""
+def _attack_batch(shared: _Shared, job: tuple[int, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list,
+                                                                          dict[str, np.ndarray]]:
+    """One batch of one attack: (robust, raw and projected predictions on the adversarial inputs, log lines,
+    attack-failure flags by name)."""
     number, batch = job
     spec, settings, x, y = shared.plan[number], shared.settings, shared.x, shared.y
-    context = AttackContext(shared.model, shared.views, settings, settings.budget(spec.eps_factor))
+    context = AttackContext(shared.model, shared.views, settings, settings.budget(spec.eps_factor),
+                            strength=spec.strength)
     idx = torch.as_tensor(batch, device=x.device)
     x_adv = spec.factory(context)(x[idx], y[idx], seed_for(settings, spec, int(batch[0])))
     _check_budget(spec, x_adv, x[idx], context)
     projected, raw = predictions(shared.model, x_adv, settings.batch_size)
     correct = projected == y[idx] if spec.scoring is Scoring.PROJECTED else raw == y[idx]
-    return correct.cpu().numpy(), raw.cpu().numpy(), projected.cpu().numpy(), context.log
+    flags = batch_flags(context, spec.view, x_adv, y[idx], raw, correct) if settings.indicators else {}
+    return correct.cpu().numpy(), raw.cpu().numpy(), projected.cpu().numpy(), context.log, flags
 
 
 def _check_budget(spec: AttackSpec, x_adv: torch.Tensor, x: torch.Tensor, ctx: AttackContext) -> None:

@@ -89,7 +89,7 @@ def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str |
         evaluate_checkpoint(run_dir, out=run_dir / "eval", eps=scale.eval_eps, data_root=data_root, progress=False,
                             settings={
             "n_examples": scale.eval_examples, "attacks": attacks, "n_targets": scale.n_targets,
-            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps})
+            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps, **scale.eval_checks})
 
 
 def report_of(out: Path, name: str) -> dict[str, Any]:

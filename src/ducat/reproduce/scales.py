@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ducat.config import ConfigError
-from ducat.eval.plan import ATTACK_NAMES
+from ducat.eval.plan import ATTACK_NAMES, CHECK_SIZES
+
+# The checks of the evaluation itself (docs/evaluation.md) cost more than a grid can afford at every scale but
+# smoke, which runs each once in its cheapest form; the attack-failure indicators (one more forward pass per PGD
+# run) stay on everywhere.
+CHECKS_OFF = {name: 0 for name in CHECK_SIZES}
+SMOKE_CHECKS = {"unbounded_examples": 2, "unit_test_examples": 2, "transfer_steps": 2, "convergence_examples": 4,
+                "square_queries": 50}
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Scale:
     transfer_examples: int = 500
     eval_eps: float | None = None  # evaluation budget; None = each run's training eps
     cuts: str = ""  # what this scale leaves out to fit its time, said in its report
+    eval_checks: dict[str, int] = field(default_factory=lambda: dict(CHECKS_OFF))  # EvalSettings check sizes
 
     def with_seeds(self, seeds: int | None) -> "Scale":
         if seeds is None:
@@ -83,6 +91,7 @@ SCALES = {
         ablations={"start_epoch": (2,), "beta1": (1.0,)}, ablation_attacks=("pgd10",),
         variants=("pgd_at-ducat-merged",),
         n_targets=2, margin_restarts=1, dawa_steps=10, tsne_examples=40, transfer_examples=40, eval_eps=0.3,
+        eval_checks=SMOKE_CHECKS,
         cuts="every piece in CI time: 200 training images, 3 epochs, 24 test examples, 2 seeds, one variant, and "
              "evaluation at eps 0.3 (three times the training eps) so that AutoAttack ends after its first attack "
              "instead of running Square's 5000 queries; the numbers are noise"),
