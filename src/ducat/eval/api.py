@@ -48,7 +48,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: EvalS
                    print_progress(progress))
     with eval_mode(model), eval_mode(surrogate, surrogate is not None):
         outcome = run_plan(plan, model, x, y, settings, cache, run.progress, surrogate)
-        checks, followups = run_checks(plan, outcome, run)
+        checks, followups = run_checks(plan, outcome, run) if settings.checks else ({}, [])
     dummy_index = model.dummy_index.cpu().numpy() if is_dummy else None
     report = build_report(plan + followups, outcome, y.cpu().numpy(), settings, dummy_index,
                           time.perf_counter() - start)

@@ -147,8 +147,9 @@ def indicator_row(spec: AttackSpec, outcome: Outcome, unbounded: dict[str, int] 
     counts["unit_test"] = None if test is None else f"{test['found']}/{test['tests']} {test['status']}"
     if test is not None and test["status"] == "FAIL":
         fired.append("unit_test")
-    return row | {"verdict": "WARN" if fired else "PASS", "fired": fired, "advice": [ADVICE[f] for f in fired],
-                  "counts": counts}
+    measured = [v for k, v in counts.items() if k not in ("attacked", "traced") and v is not None]
+    verdict = "WARN" if fired else "PASS" if measured else "n/a"  # n/a: no indicator applied or none was run
+    return row | {"verdict": verdict, "fired": fired, "advice": [ADVICE[f] for f in fired], "counts": counts}
 
 
 def transfer_summary(plan: list[AttackSpec], outcome: Outcome) -> dict[str, Any] | None:
@@ -230,7 +231,8 @@ def summary(checks: dict[str, Any], plan: list[AttackSpec], outcome: Outcome) ->
     calm = [row["id"] for row in rows if not row["fired"]]
     lines = [_line(len(calm) == len(rows), f"attack-failure indicators fired for {len(rows) - len(calm)} of "
                                            f"{len(rows)} attacks (table below); none for " + (", ".join(calm) or
-                                                                                              "any attack"))]
+                                                                                              "any attack"))
+             ] if rows else [{"status": "NOTE", "check": "attack-failure indicators: not run (--no-indicators)"}]
     silent = checks["silent_success_survivors"]
     if silent is not None:
         lines.append(_line(not silent, f"{silent} examples the worst case counts as robust were misclassified at an "

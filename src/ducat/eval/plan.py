@@ -156,6 +156,11 @@ class EvalSettings:
             raise ConfigError(bad)
 
     @property
+    def checks(self) -> bool:
+        """Whether any check of the evaluation itself runs (``docs/evaluation.md``)."""
+        return self.indicators or any(getattr(self, name) for name in CHECK_SIZES)
+
+    @property
     def step(self) -> float:
         return self.step_size if self.step_size is not None else self.eps / 4
 
