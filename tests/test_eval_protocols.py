@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -193,6 +194,7 @@ def test_cache_depends_on_the_batch_size(tmp_path):  # random starts are drawn p
 @pytest.mark.parametrize("args, needle", [
     (["eval", "/no/such/run"], "does not exist"),
     (["eval", "RUN", "--attacks", "pgd10,deepfool"], "unknown attack 'deepfool'"),
+    (["eval", "RUN", "--autoattack", "apgd-ce,deepfool"], "autoattack must name some of apgd-ce"),
     (["eval", "RUN", "--eps", "0"], "eps must be > 0"),
     (["eval", "RUN", "--eps=-8/255"], "eps must be > 0"),
     (["eval", "RUN", "--eps", "abc"], "--eps must be a number"),
@@ -223,3 +225,50 @@ def test_the_report_lists_exactly_the_attacks_of_the_plan(is_dummy):
     assert all(f"`{key}`" in markdown for key in at_eval_eps)
     assert markdown.count("\n- `") == len({r["id"] for r in report.results})
     assert set(report.worst_case["attacks"]) == {s.key for s in plan if s.in_worst_case}
+
+
+def test_equal_effort_gives_a_plain_model_as_many_attack_runs_as_a_dummy_class_model():
+    """Random restarts alone tilt a worst-case comparison against the model that faces more attacks: with
+    equal_effort the plain model meets the difference as extra margin restarts on its survivors."""
+    from ducat.eval.plan import CHECK_SIZES, AttackId, effort
+
+    for settings in (EvalSettings(eps=0.3), EvalSettings(eps=0.3, attacks=("pgd10", "autoattack", "margin"),
+                                                         margin_restarts=1)):
+        fair = replace(settings, equal_effort=True)
+        plain, dummy = build_plan(fair, is_dummy=False), build_plan(fair, is_dummy=True)
+        assert effort(plain) == effort(dummy) > effort(build_plan(settings, is_dummy=False))
+        extra = next(s for s in plain if s.id is AttackId.EXTRA_RESTARTS)
+        assert extra.in_worst_case and extra.runs == effort(dummy) - effort(build_plan(settings, is_dummy=False))
+        assert [s.key for s in dummy] == [s.key for s in build_plan(settings, is_dummy=True)]  # DUCAT's plan as is
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, C))
+    x, y = sink_data(12)
+    settings = EvalSettings(eps=0.05, attacks=("pgd10", "margin"), margin_restarts=1, dawa_steps=3,
+                            equal_effort=True, workers=1, indicators=False, **{k: 0 for k in CHECK_SIZES})
+    report = evaluate(model, x, y, settings, progress=False)
+    assert report.accuracy("adaptive-extra-restarts") is not None
+    assert report.worst_case["robust_accuracy"] <= report.accuracy("adaptive-margin")
+
+
+def test_autoattack_rows_can_run_a_subset_of_autoattack(monkeypatch):
+    import pyautoattack
+
+    from ducat.config import ConfigError
+
+    ran = []
+
+    class Recording(pyautoattack.AutoAttack):
+        def run_standard_evaluation(self, *args, **kwargs):
+            ran.append(list(self.attacks_to_run))
+            return super().run_standard_evaluation(*args, **kwargs)
+
+    monkeypatch.setattr(pyautoattack, "AutoAttack", Recording)
+    settings = EvalSettings(eps=0.3, attacks=("autoattack",), autoattack=("apgd-t", "apgd-ce"), workers=1,
+                            indicators=False, transfer_steps=0, unbounded_examples=0, unit_test_examples=0,
+                            convergence_examples=0, square_queries=0)
+    assert settings.autoattack == ("apgd-ce", "apgd-t")  # AutoAttack's own order
+    x, y = sink_data(8)
+    report = evaluate(DummyClassModel(SinkNet(), make_pairing(C)), x, y, settings, progress=False)
+    assert ran == [["apgd-ce", "apgd-t"]] * 2  # the paper-protocol and the adaptive row
+    assert {r["attack"] for r in report.results if "autoattack" in r["id"]} == {"AutoAttack (apgd-ce, apgd-t)"}
+    with pytest.raises(ConfigError, match="autoattack must name some of"):
+        EvalSettings(eps=0.3, autoattack=("apgd-ce", "deepfool"))

@@ -195,6 +195,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                                             f"{', '.join(p.value for p in Protocol)} (default: all)")
     parser.add_argument("--fast", action="store_true", help="skip AutoAttack and PGD-100 (CPU-friendly)")
     parser.add_argument("--no-early-stop", action="store_true", help="run every attack on every clean-correct example")
+    parser.add_argument("--autoattack", metavar="PARTS",
+                        help="comma-separated attacks of every AutoAttack row, from apgd-ce, apgd-t, fab-t, square "
+                             "(default: all four, standard AutoAttack)")
+    parser.add_argument("--equal-effort", action="store_true",
+                        help="a model without dummy classes meets extra margin restarts, as many attack runs per "
+                             "example as a DUCAT model faces with the same options (a fair worst-case comparison)")
     parser.add_argument("--out", help="output directory (default: RUN_DIR/eval or the checkpoint's directory/eval)")
     parser.add_argument("--dataset", help="dataset of a foreign checkpoint without a ducat config")
     parser.add_argument("--model", help="architecture of a foreign checkpoint (a ducat model name)")
@@ -234,9 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
     p.add_argument("--scale", required=True, choices=tuple(SCALES),
-                   help="smoke: digits, every piece, ~2 min; mini: Fashion-MNIST, 3 seeds, 43 min on 2 idle CPU "
-                        "cores (measured); full-cpu: full Fashion-MNIST, ~4-4.5 h (estimated); paper: the CIFAR-10 "
-                        "recipe, GPUs")
+                   help="smoke: digits, every piece, ~2 min; mini: Fashion-MNIST, MLP, 5 seeds; cnn: Fashion-MNIST "
+                        "28x28, small CNN, PGD-AT with and without DUCAT, 5 seeds (docs/results.md has the measured "
+                        "times); full-cpu: full Fashion-MNIST, MLP, ~4-4.5 h (estimated); paper: the CIFAR-10 recipe, "
+                        "GPUs")
     p.add_argument("--out", required=True, help="output directory (a rerun skips finished runs)")
     p.add_argument("--data-root", help="dataset root (CIFAR/Tiny-ImageNet files; Fashion-MNIST optional)")
     p.add_argument("--seeds", type=int, help="override the scale's number of seeds")

@@ -122,12 +122,14 @@ def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> di
     if args.out:
         check_output_dir(Path(args.out), "--out")
     settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "workers": args.workers,
-                "seed": args.seed, "early_stop": not args.no_early_stop, "norm": eval_norm(args),
-                **_check_settings(args)}
+                "seed": args.seed, "early_stop": not args.no_early_stop, "equal_effort": args.equal_effort,
+                "norm": eval_norm(args), **_check_settings(args)}
     if args.fast:
         settings["attacks"] = fast_attacks
     if args.attacks:
         settings["attacks"] = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
+    if args.autoattack:
+        settings["autoattack"] = tuple(a.strip() for a in args.autoattack.split(",") if a.strip())
     if args.protocols:
         settings["protocols"] = tuple(p.strip() for p in args.protocols.split(",") if p.strip())
     return settings

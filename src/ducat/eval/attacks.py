@@ -24,7 +24,7 @@ from torch import nn
 from ducat.attacks import PGD, dummy_aware_weighted_ce
 from ducat.attacks.fold import folded
 from ducat.dummy import DummyClassModel, OriginalLogits, deployed
-from ducat.eval.plan import EvalSettings, Factory, View
+from ducat.eval.plan import AUTOATTACK_PARTS, EvalSettings, Factory, View
 
 Craft = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Run = Callable[[int, torch.Tensor, int], torch.Tensor]  # run(part, idx, seed) -> x_adv of x[idx]
@@ -158,13 +158,14 @@ def targeted_top() -> Factory:
     return factory
 
 
-def margin_restarts() -> Factory:
-    """PGD-100 on the CW margin of the projected classifier, ``margin_restarts`` random restarts."""
+def margin_restarts(restarts: int | None = None) -> Factory:
+    """PGD-100 on the CW margin of the projected classifier, ``restarts`` random restarts (default: the settings'
+    ``margin_restarts``)."""
     def factory(ctx: AttackContext) -> Craft:
         def craft(x, y, seed):
             def run(_, idx, run_seed):
                 return ctx.pgd(View.MAX_MERGED, 100, run_seed, x.device, loss="margin")(x[idx], y[idx])
-            return restarted(ctx, x, y, seed, ctx.settings.margin_restarts, run)
+            return restarted(ctx, x, y, seed, restarts or ctx.settings.margin_restarts, run)
         return craft
     return factory
 
@@ -188,15 +189,17 @@ WHITE_BOX = ("apgd-ce", "apgd-t", "fab-t")  # standard AutoAttack without Square
 
 
 def autoattack(view: View, white_box: bool = False) -> Factory:
-    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000) from ``pyautoattack`` on ``view``; with
-    ``white_box`` its gradient attacks alone (:data:`WHITE_BOX`, standard parameters).
+    """Standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square 5000) from ``pyautoattack`` on ``view``, or the subset
+    the settings' ``autoattack`` names; with ``white_box`` its gradient attacks alone (:data:`WHITE_BOX`), standard
+    parameters either way.
 
     Seeded with the evaluation's own ``seed`` (not a derived one), so that on a plain model the result
     equals calling pyautoattack with that seed. At strength s: s times the APGD iterations and restarts, the
     FAB iterations (FAB-T's restarts are fixed at 1 by pyautoattack) and the Square queries."""
     def factory(ctx: AttackContext) -> Craft:
         def craft(x, y, seed):
-            aa = _autoattack(ctx, view, x.device, list(WHITE_BOX) if white_box else None)
+            parts = [part for part in ctx.settings.autoattack if not white_box or part in WHITE_BOX]
+            aa = _autoattack(ctx, view, x.device, None if tuple(parts) == AUTOATTACK_PARTS else parts)
             for attack, names in ((aa.apgd, ("n_iter", "n_restarts")), (aa.apgd_targeted, ("n_iter", "n_restarts")),
                                   (aa.fab, ("n_iter",)), (aa.square, ("n_queries",))):
                 for name in names:

@@ -75,6 +75,7 @@ class AttackId(str, Enum):
     LSE_AUTOATTACK = "adaptive-lse-autoattack"
     MARGIN = "adaptive-margin"
     TARGETED_TOP = "adaptive-targeted-top"
+    EXTRA_RESTARTS = "adaptive-extra-restarts"
     TRANSFER = "adaptive-transfer"
     SQUARE_FOLLOWUP = "adaptive-square-followup"
 
@@ -88,6 +89,7 @@ ATTACK_NAMES = ("pgd10", "pgd100", "autoattack", "logsumexp", "logsumexp-autoatt
                 "eps-sweep")
 FAST_ATTACKS = ("pgd10", "logsumexp", "dawa", "margin", "targeted", "eps-sweep")
 SWEEP_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+AUTOATTACK_PARTS = ("apgd-ce", "apgd-t", "fab-t", "square")  # standard AutoAttack, in its order
 CHECK_SIZES = ("unbounded_examples", "unit_test_examples", "transfer_steps", "convergence_examples", "square_queries")
 
 
@@ -100,6 +102,11 @@ class EvalSettings:
     into at least ``workers`` of them, which that many processes attack in parallel
     (:mod:`ducat.eval.workers`; None: one single-threaded worker per torch thread on a Linux CPU, else
     1). Random starts are drawn per batch, so results depend on both (and on ``seed``).
+
+    ``autoattack``: the attacks of every AutoAttack row, a subset of :data:`AUTOATTACK_PARTS` (standard: all four).
+
+    ``equal_effort``: a model without dummy classes meets extra margin restarts on its survivors, so that its
+    worst case counts as many attack runs per example as a DUCAT model's under the same settings (:func:`effort`).
 
     The checks of the evaluation itself (``docs/evaluation.md``; 0 turns one off): ``indicators`` traces every
     PGD run for the attack-failure indicators (one more forward pass per run); ``unbounded_examples``
@@ -123,6 +130,8 @@ class EvalSettings:
     n_targets: int = 9
     dawa_weights: tuple[float, ...] = (0.25, 0.5, 0.75)
     dawa_steps: int = 100
+    equal_effort: bool = False
+    autoattack: tuple[str, ...] = AUTOATTACK_PARTS
     indicators: bool = True
     unbounded_examples: int = 16
     unit_test_examples: int = 10
@@ -150,6 +159,10 @@ class EvalSettings:
             raise ConfigError("margin_restarts, n_targets and dawa_steps must be >= 1")
         if not self.dawa_weights or not all(0.0 <= w <= 1.0 for w in self.dawa_weights):
             raise ConfigError(f"dawa_weights must be in [0, 1], got {self.dawa_weights}")
+        parts = tuple(part for part in AUTOATTACK_PARTS if part in self.autoattack)
+        if not parts or len(parts) != len(set(self.autoattack)):
+            raise ConfigError(f"autoattack must name some of {', '.join(AUTOATTACK_PARTS)}, got {self.autoattack}")
+        object.__setattr__(self, "autoattack", parts)
         sizes = {name: getattr(self, name) for name in CHECK_SIZES}
         bad = next((f"{name} must be >= 0, got {v}" for name, v in sizes.items() if v < 0), None)
         if bad:
@@ -159,6 +172,11 @@ class EvalSettings:
     def checks(self) -> bool:
         """Whether any check of the evaluation itself runs (``docs/evaluation.md``)."""
         return self.indicators or any(getattr(self, name) for name in CHECK_SIZES)
+
+    @property
+    def autoattack_label(self) -> str:
+        """The AutoAttack rows' label: ``AutoAttack``, or the attacks it runs when not the standard four."""
+        return "AutoAttack" if self.autoattack == AUTOATTACK_PARTS else f"AutoAttack ({', '.join(self.autoattack)})"
 
     @property
     def step(self) -> float:
@@ -181,6 +199,8 @@ class AttackSpec:
     ``scoring`` instead of crafting anew. ``eps_factor`` scales the budget (the eps sweep).
     ``strength`` multiplies the attack's steps and restarts (the convergence check); ``variant`` names a
     check's rerun in the key; ``counted=False`` keeps a result out of the worst case (a check's attack).
+    ``runs``: the attack runs (random starts, restarts, weights, targets) it makes per example, the unit of
+    :func:`effort`.
     """
 
     id: AttackId
@@ -195,6 +215,7 @@ class AttackSpec:
     strength: int = 1
     variant: str = ""
     counted: bool = True
+    runs: int = 1
     note: str = field(default="", compare=False)
 
     @property
@@ -224,11 +245,34 @@ def build_plan(settings: EvalSettings, is_dummy: bool, surrogate: bool = False) 
         plan += _paper(settings)
     if Protocol.ADAPTIVE in settings.protocols or not is_dummy:
         plan += _adaptive(settings, is_dummy)
+    if settings.equal_effort and not is_dummy:
+        plan += _equal_effort(settings, plan)
     if "eps-sweep" in settings.attacks:
         plan += _sweep(settings, is_dummy)
     if settings.transfer_steps and (surrogate or is_dummy):
         plan.append(_transfer(settings, surrogate))
     return plan
+
+
+def effort(plan: list[AttackSpec]) -> int:
+    """Attack runs per example that the worst case of ``plan`` counts (a restart, a DAWA weight, a target of the
+    targeted attack each count one)."""
+    return sum(spec.runs for spec in plan if spec.in_worst_case)
+
+
+def _equal_effort(settings: EvalSettings, plan: list[AttackSpec]) -> list[AttackSpec]:
+    """For a model without dummy classes: the margin restarts that bring its worst case to the effort a DUCAT model
+    meets under the same settings (``equal_effort``), on the survivors; random restarts alone would otherwise tilt
+    a comparison of worst cases against the model that faces more attacks."""
+    from ducat.eval import attacks as a
+
+    extra = effort(build_plan(settings, is_dummy=True)) - effort(plan)
+    if extra < 1:
+        return []
+    return [AttackSpec(AttackId.EXTRA_RESTARTS, Protocol.ADAPTIVE, View.MAX_MERGED,
+                       f"PGD-100 margin, {extra} more random restarts (equal effort)", a.margin_restarts(extra),
+                       scope=Scope.SURVIVORS if settings.early_stop else Scope.CLEAN_CORRECT, runs=extra,
+                       note=f"equal effort: {effort(plan) + extra} attack runs per example, as a DUCAT model meets")]
 
 
 def _transfer(settings: EvalSettings, surrogate: bool) -> AttackSpec:
@@ -253,10 +297,11 @@ def _paper(settings: EvalSettings) -> list[AttackSpec]:
     if has("pgd100"):
         plan.append(AttackSpec(AttackId.PAPER_PGD100, paper, raw, "PGD-100", a.pgd(raw, 100)))
     if has("autoattack"):
-        plan.append(AttackSpec(AttackId.PAPER_AUTOATTACK, paper, raw, "AutoAttack", a.autoattack(raw),
+        plan.append(AttackSpec(AttackId.PAPER_AUTOATTACK, paper, raw, settings.autoattack_label, a.autoattack(raw),
                                note="attacks the raw 2C logits, scored after the projection"))
         if Protocol.RAW_AUTOATTACK in settings.protocols:
-            plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, raw, "AutoAttack", None,
+            plan.append(AttackSpec(AttackId.RAW_AUTOATTACK, Protocol.RAW_AUTOATTACK, raw, settings.autoattack_label,
+                                   None,
                                    scoring=Scoring.RAW_ARGMAX, rescores=AttackId.PAPER_AUTOATTACK,
                                    note="the released code's call"))
     if has("targeted"):
@@ -280,15 +325,16 @@ def _adaptive(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
     if has("pgd100"):
         plan.append(AttackSpec(AttackId.PGD100, adaptive, projected, "PGD-100", a.pgd(projected, 100)))
     if has("autoattack"):
-        plan.append(AttackSpec(AttackId.AUTOATTACK, adaptive, projected, "AutoAttack", a.autoattack(projected)))
+        plan.append(AttackSpec(AttackId.AUTOATTACK, adaptive, projected, s.autoattack_label, a.autoattack(projected)))
     if has("targeted"):
         plan.append(AttackSpec(AttackId.TARGETED_ORIGINAL, adaptive, projected, "targeted PGD-10 (original classes)",
                                a.targeted_random(projected, dummy_targets=False)))
     if is_dummy and has("dawa"):
         weights = ", ".join(f"{w:g}" for w in s.dawa_weights)
         plan.append(AttackSpec(AttackId.DAWA, adaptive, View.RAW, f"DAWA-style PGD-{s.dawa_steps}, w in {{{weights}}}",
-                               a.dawa(), note="w CE(z, y) + (1-w) CE(z, dummy(y)) on raw 2C logits; "
-                                              "first success over the weights"))
+                               a.dawa(), runs=len(s.dawa_weights),
+                               note="w CE(z, y) + (1-w) CE(z, dummy(y)) on raw 2C logits; first success over the "
+                                    "weights"))
     return plan + _cumulative(settings, is_dummy)
 
 
@@ -312,11 +358,11 @@ def _cumulative(settings: EvalSettings, is_dummy: bool) -> list[AttackSpec]:
                                                                   "the projected classifier in the AutoAttack row"]))))
     if has("margin"):
         plan.append(AttackSpec(AttackId.MARGIN, adaptive, projected, f"PGD-100 margin, {s.margin_restarts} restarts",
-                               a.margin_restarts(), scope=later, note=note))
+                               a.margin_restarts(), scope=later, runs=s.margin_restarts, note=note))
     if has("targeted"):
         plan.append(AttackSpec(AttackId.TARGETED_TOP, adaptive, projected,
                                f"PGD-100 targeted margin, top-{s.n_targets} classes", a.targeted_top(),
-                               scope=later, note=note))
+                               scope=later, runs=s.n_targets, note=note))
     return plan
 
 

@@ -9,12 +9,13 @@ from ducat.reproduce.results import Results
 
 
 def draw(results: Results, directory: Path) -> dict[str, Path]:
-    """Every figure of the report as a PNG in ``directory``; name -> path."""
+    """Every figure of the report as a PNG in ``directory`` (those whose data the scale has); name -> path."""
     f = results.figures
-    paths = {
-        "fig2": analysis.plot_always_failed_overlap(f["overlap"], directory / "fig2_always_failed.png"),
-        "fig3": analysis.plot_transfer_matrix(f["transfer"], directory / "fig3_transfer.png"),
-        "fig4": analysis.toy_case_plot(f["toy"], directory / "fig4_toy_case.png"),
+    optional = {"fig2": (analysis.plot_always_failed_overlap, f["overlap"], "fig2_always_failed.png"),
+                "fig3": (analysis.plot_transfer_matrix, f["transfer"], "fig3_transfer.png"),
+                "fig4": (analysis.toy_case_plot, f["toy"], "fig4_toy_case.png")}  # None: not at this scale
+    paths = {name: plot(data, directory / file) for name, (plot, data, file) in optional.items() if data is not None}
+    paths |= {
         "fig5": analysis.tradeoff_scatter(f["tradeoff"], directory / "fig5_tradeoff.png"),
         "fig6": analysis.training_time_bars(f["timing"], directory / "fig6_training_time.png"),
         "fig8": analysis.plot_confusion(f["confusion"]["matrix"], directory / "fig8_confusion.png"),

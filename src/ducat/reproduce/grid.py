@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable
 
 from ducat.config import ConfigError, TrainConfig, load_config
-from ducat.objectives import METHODS
 from ducat.reproduce.scales import VARIANTS, Scale
 from ducat.train import RunError, fork_run, train
 
@@ -50,7 +49,7 @@ def plan(scale: Scale) -> list[GridRun]:
     runs: list[GridRun] = []
     for seed in range(scale.seeds):
         seeded = (*schedule, f"run.seed={seed}")
-        for method in METHODS:
+        for method in scale.methods:
             runs.append(GridRun(f"{method}-s{seed}", f"{scale.family}-{method}", seeded, method, False, seed))
             forks.append(_fork(f"{method}-ducat-s{seed}", f"{scale.family}-{method}-ducat", seeded, method, seed,
                                f"trunk-{method}-s{seed}", scale.start_epoch))
@@ -59,8 +58,9 @@ def plan(scale: Scale) -> list[GridRun]:
             forks.append(_fork(f"{name}-s{seed}", f"{scale.family}-{v.method}-ducat", (*seeded, *v.overrides),
                                v.method, seed, f"trunk-{name}-s{seed}", scale.start_epoch, "variant", name))
     seed0 = (*schedule, "run.seed=0")
-    forks.append(_fork("pgd_at-toy-s0", f"{scale.family}-pgd_at-toy", seed0, "pgd_at", 0, "trunk-pgd_at-s0",
-                       scale.start_epoch, "toy"))
+    if scale.toy:
+        forks.append(_fork("pgd_at-toy-s0", f"{scale.family}-pgd_at-toy", seed0, "pgd_at", 0, "trunk-pgd_at-s0",
+                           scale.start_epoch, "toy"))
     for param, values in scale.ablations.items():
         for value in values:
             start = int(value) if param == "start_epoch" else scale.start_epoch

@@ -40,9 +40,9 @@ def transfer_between(runs: list[str], out: Path, scale: Scale, data_root: str | 
     """PGD-10 examples crafted on each of the base models ``runs`` (run names, one per method), and whether
     they fool each other base model (fig. 3)."""
     models = {}
-    for name, method in zip(runs, METHODS):
+    for name in runs:
         model, config, device = _load(out / "runs" / name)
-        models[METHODS[method].label] = model
+        models[METHODS[config.method.name].label] = model
     x, y = _test_tensors(config, data_root, scale.transfer_examples, device)
     on_surrogate, on_target = {}, {}
     for surrogate, model in models.items():

@@ -85,11 +85,16 @@ def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str |
             continue
         run_dir = out / "runs" / run.name
         log(f"  {run.name}: evaluating")
-        attacks = scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks
         evaluate_checkpoint(run_dir, out=run_dir / "eval", eps=scale.eval_eps, data_root=data_root, progress=False,
-                            settings={
-            "n_examples": scale.eval_examples, "attacks": attacks, "n_targets": scale.n_targets,
-            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps, **scale.eval_checks})
+                            settings=eval_settings(scale, run))
+
+
+def eval_settings(scale: Scale, run: GridRun) -> dict[str, Any]:
+    """The :class:`~ducat.eval.EvalSettings` fields every evaluation of ``run`` at ``scale`` uses."""
+    return {"n_examples": scale.eval_examples, "n_targets": scale.n_targets,
+            "attacks": scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks,
+            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps,
+            "equal_effort": scale.equal_effort, "autoattack": scale.autoattack, **scale.eval_checks}
 
 
 def report_of(out: Path, name: str) -> dict[str, Any]:
@@ -117,7 +122,8 @@ def table_rows(scale: Scale) -> list[TableRow]:
     """Table 1's rows: each method without and with DUCAT, then the variants, each over the scale's seeds."""
     seeds = range(scale.seeds)
     rows = []
-    for method, objective in METHODS.items():
+    for method in scale.methods:
+        objective = METHODS[method]
         rows.append(TableRow(method, objective.label, [f"{method}-s{s}" for s in seeds]))
         rows.append(TableRow(f"{method}-ducat", f"{objective.label} + DUCAT", [f"{method}-ducat-s{s}" for s in seeds],
                              base=method))
@@ -154,16 +160,13 @@ def collect(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None)
     """Stage 1: table 1 with its statistics, and the data of every figure (seed 0 where one run is shown)."""
     rows = table_rows(scale)
     fill_table(rows, out)
-    base = [f"{m}-s0" for m in METHODS]
-    labels = masks_of(out, base[0])["labels"]
+    several = len(scale.methods) > 1  # figs. 2 and 3 compare the base defenses with each other
     figures: dict[str, Any] = {
-        "overlap": analysis.always_failed_overlap(
-            {METHODS[m].label: masks_of(out, f"{m}-s0")["adaptive-pgd10"] for m in METHODS}, labels,
-            int(labels.max()) + 1),
-        "transfer": transfer_between(base, out, scale, data_root),
-        "toy": _toy_curves(out, scale),
+        "overlap": _overlap(out, scale) if several else None,
+        "transfer": transfer_between([f"{m}-s0" for m in scale.methods], out, scale, data_root) if several else None,
+        "toy": _toy_curves(out, scale) if scale.toy else None,
         "tradeoff": _tradeoff_points(rows),
-        "timing": _timing(out),
+        "timing": _timing(out, scale),
         "ablations": _ablations(runs, out, scale),
         "confusion": _confusion(out),
         "tsne": tsne_features(out, scale, data_root),
@@ -173,6 +176,14 @@ def collect(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None)
     }
     reports = {r.name: report_of(out, r.name) for r in runs if r.group != "trunk"}
     return Results(rows, figures, reports)
+
+
+def _overlap(out: Path, scale: Scale) -> dict[str, Any]:
+    """Fig. 2: examples every base defense defends or fails alike under the adaptive PGD-10 (seed 0)."""
+    labels = masks_of(out, f"{scale.methods[0]}-s0")["labels"]
+    return analysis.always_failed_overlap(
+        {METHODS[m].label: masks_of(out, f"{m}-s0")["adaptive-pgd10"] for m in scale.methods}, labels,
+        int(labels.max()) + 1)
 
 
 def _toy_curves(out: Path, scale: Scale) -> dict[str, dict[str, float | None]]:
@@ -205,11 +216,12 @@ def _tradeoff_points(rows: list[TableRow]) -> list[dict[str, Any]]:
     return points
 
 
-def _timing(out: Path) -> dict[str, dict[str, float]]:
+def _timing(out: Path, scale: Scale) -> dict[str, dict[str, float]]:
     """Median epoch time (training only) of each method's seed-0 base run and of its DUCAT run's DUCAT epochs,
     each run's first epoch left out as warm-up."""
     times = {}
-    for method, objective in METHODS.items():
+    for method in scale.methods:
+        objective = METHODS[method]
         base = analysis.read_metrics(out / "runs" / f"{method}-s0")[1:]
         ducat = [r for r in analysis.read_metrics(out / "runs" / f"{method}-ducat-s0") if r["ducat_active"]][1:]
         times[objective.label] = {"base": float(np.median([r["epoch_time_s"] for r in base])),

@@ -31,13 +31,18 @@ def _header(scale: Scale) -> str:
              "labels before its DUCAT start epoch t, with one optimizer state throughout. The hard-label epochs are "
              "trained once per method, seed and variant (a *trunk*) and each DUCAT run continues a copy of the trunk's "
              "epoch t-1 checkpoint (weights, optimizer and RNG state): the same run as one trained from scratch.", "",
-             "Protocols: the **paper** protocol attacks the raw 2C logits with the attack's own loss and scores after "
-             "the projection (an input pushed into the dummy class of its own label counts as robust). "
+             "Protocols: the **paper** protocol attacks the raw 2C logits with the attack's own objective and scores "
+             "after the projection (an input pushed into the dummy class of its own label counts as robust). "
              "**raw-autoattack** is the released code's AutoAttack call: raw 2C logits attacked and scored, no "
              "projection. **Adaptive** attacks know the projection: PGD and AutoAttack on the max- and "
              "logsumexp-merged logits, a DAWA-style weighted cross-entropy over y and dummy(y) on the raw logits, "
              "margin and targeted attacks. The **worst case** counts an example as robust only if it survived every "
              "attack of both protocols, scored on the deployed classifier."]
+    if scale.equal_effort:
+        lines += ["", "Equal effort: a base run (no dummy classes) meets fewer attacks than its DUCAT runs, and random "
+                  "restarts alone would tilt the worst case against DUCAT, so every base run's worst case also counts "
+                  "extra PGD-100 margin restarts on its survivors, as many as make its attack runs per example equal "
+                  "to a DUCAT run's (the `adaptive-extra-restarts` row of each base run's `eval/report.md`)."]
     if scale.cuts:
         lines += ["", f"Cut to fit this scale's time: {scale.cuts}."]
     return "\n".join(lines)
@@ -123,19 +128,15 @@ def _open_question(results: Results) -> str:
 
 def _paper_figures(results: Results, link: dict[str, str], scale: Scale) -> str:
     f = results.figures
-    overlap, sink = f["overlap"], f["confusion"]["sink_rate"]
-    lines = ["## Always-failed examples across the four base defenses (paper fig. 2)", "",
-             f"Uniformly defended by all four: {100 * overlap['uniform_defended']:.1f}%; uniformly failed: "
-             f"{100 * overlap['uniform_failed']:.1f}% (the paper reports > 80% together on CIFAR-10).", "",
-             f"![]({link['fig2']})", "", "## Transfer between robust models (paper fig. 3)", "", f"![]({link['fig3']})",
-             "", "## The hard-label toy case (paper fig. 4)", "", f"![]({link['fig4']})", "",
-             "## Accuracy-robustness trade-off (paper fig. 5 / table 2)", "",
-             "SOTA points are the paper's table 2 (CIFAR-10, ResNet-18, AutoAttack); this grid's points are only "
-             "comparable among themselves.", "", f"![]({link['fig5']})", "",
-             "## Training time per epoch, measured (paper fig. 6)", "",
-             "Median epoch time (training only), each run's first epoch left out; DUCAT: its DUCAT epochs only.", "",
-             f"![]({link['fig6']})", "", "## Ablations of PGD-AT + DUCAT, seed 0 (paper figs. 7 and 9)", ""]
-    lines += [f"![]({link[f'fig7_{param}']})" for param in f["ablations"]]
+    sink = f["confusion"]["sink_rate"]
+    lines = _defense_figures(f, link, scale)
+    lines += ["## Accuracy-robustness trade-off (paper fig. 5 / table 2)", "",
+              "SOTA points are the paper's table 2 (CIFAR-10, ResNet-18, AutoAttack); this grid's points are only "
+              "comparable among themselves.", "", f"![]({link['fig5']})", "",
+              "## Training time per epoch, measured (paper fig. 6)", "",
+              "Median epoch time (training only), each run's first epoch left out; DUCAT: its DUCAT epochs only.", "",
+              f"![]({link['fig6']})", "", "## Ablations of PGD-AT + DUCAT, seed 0 (paper figs. 7 and 9)", ""]
+    lines += [f"![]({link[f'fig7_{param}']})" for param in f["ablations"]] or [_NOT_HERE + "no ablation runs."]
     lines += ["", "## Where the paper's attack sends inputs (paper fig. 8)", "",
               f"Raw 2C predictions of PGD-AT + DUCAT (seed 0) under the paper-protocol PGD-10. Sink rate: "
               f"{'n/a' if sink is None else f'{100 * sink:.1f}%'} of the attacked examples land in the dummy of "
@@ -144,3 +145,20 @@ def _paper_figures(results: Results, link: dict[str, str], scale: Scale) -> str:
               "## Targeted attacks (paper table 4)", "", analysis.targeted_table(f["targeted"]), "",
               "## Training curves (seed 0)", "", f"![]({link['curves']})"]
     return "\n".join(lines)
+
+
+_NOT_HERE = "Not at this scale: "
+
+
+def _defense_figures(f: dict[str, Any], link: dict[str, str], scale: Scale) -> list[str]:
+    """Figs. 2-4: the base defenses compared with each other, and the toy case (where the scale has them)."""
+    overlap, only = f["overlap"], f"the grid trains {', '.join(scale.methods)} only."
+    lines = ["## Always-failed examples across the base defenses (paper fig. 2)", ""]
+    lines += [f"Uniformly defended by all {len(scale.methods)}: {100 * overlap['uniform_defended']:.1f}%; uniformly "
+              f"failed: {100 * overlap['uniform_failed']:.1f}% (the paper reports > 80% together on CIFAR-10).", "",
+              f"![]({link['fig2']})"] if overlap is not None else [_NOT_HERE + only]
+    lines += ["", "## Transfer between robust models (paper fig. 3)", "",
+              f"![]({link['fig3']})" if f["transfer"] is not None else _NOT_HERE + only, "",
+              "## The hard-label toy case (paper fig. 4)", "",
+              f"![]({link['fig4']})" if f["toy"] is not None else _NOT_HERE + "no toy run.", ""]
+    return lines
