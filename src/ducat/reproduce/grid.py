@@ -100,7 +100,7 @@ def run_config(run: GridRun, out: Path, data_root: str | None) -> TrainConfig:
 def train_run(run: GridRun, config: TrainConfig, out: Path, nproc: int, log: Callable[[str], None]) -> None:
     """Train, fork, resume or skip one run, whatever state its directory is in."""
     run_dir = Path(config.run.out)
-    if _finished(run, run_dir):
+    if finished(run, run_dir):
         log(f"  {run.name}: finished, skipped")
         return
     if run.trunk is not None and not (run_dir / "last.pt").is_file():
@@ -115,7 +115,8 @@ def train_run(run: GridRun, config: TrainConfig, out: Path, nproc: int, log: Cal
         train(config, resume=resume, log=lambda s: None, until_epoch=until)
 
 
-def _finished(run: GridRun, run_dir: Path) -> bool:
+def finished(run: GridRun, run_dir: Path) -> bool:
+    """Whether ``run`` is trained: a trunk to its last fork epoch, any other run to its end (``summary.json``)."""
     if run.group == "trunk":
         return (run_dir / f"epoch_{run.fork_epoch}.pt").is_file()
     return (run_dir / "summary.json").is_file()

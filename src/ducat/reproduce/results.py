@@ -14,8 +14,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ducat import analysis
-from ducat.eval import evaluate_checkpoint
 from ducat.objectives import METHODS
+from ducat.reproduce.evaluation import evaluate_run
 from ducat.reproduce.grid import GridRun
 from ducat.reproduce.models import transfer_between, tsne_features
 from ducat.reproduce.scales import VARIANTS, Scale
@@ -66,18 +66,12 @@ class Results:
 
 
 def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None,
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], workers: int | None = None) -> None:
     """Evaluate every finished run (not the trunks) under both protocols; cached in ``RUN/eval``."""
     for run in runs:
-        if run.group == "trunk":
-            continue
-        run_dir = out / "runs" / run.name
-        log(f"  {run.name}: evaluating")
-        attacks = scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks
-        evaluate_checkpoint(run_dir, out=run_dir / "eval", eps=scale.eval_eps, data_root=data_root, progress=False,
-                            settings={
-            "n_examples": scale.eval_examples, "attacks": attacks, "n_targets": scale.n_targets,
-            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps})
+        if run.group != "trunk":
+            log(f"  {run.name}: evaluating")
+            evaluate_run(run, scale, out, data_root, workers)
 
 
 def report_of(out: Path, name: str) -> dict[str, Any]:
