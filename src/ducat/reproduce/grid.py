@@ -20,6 +20,7 @@ from typing import Callable
 
 from ducat.config import ConfigError, TrainConfig, load_config
 from ducat.objectives import METHODS
+from ducat.presets import Throughput, Work, training_work
 from ducat.reproduce.scales import VARIANTS, Scale
 from ducat.train import RunError, fork_run, train
 
@@ -151,3 +152,17 @@ def flat_overrides(config: TrainConfig) -> list[str]:
     ``load_config(preset, flat_overrides(config))`` is ``config`` again."""
     return [f"{section}.{key}={json.dumps(value)}" for section, values in config.to_dict().items()
             for key, value in values.items()]
+
+
+def grid_seconds(scale: Scale, device: Throughput) -> float:
+    """Training time of the whole grid of ``scale`` on ``device`` by ducat's cost model (:mod:`ducat.presets`,
+    an estimate): each run from scratch, each trunk to its last fork epoch, each fork from the epoch after
+    its fork epoch. Evaluation is not counted."""
+    work = Work(0.0, 0.0)
+    for run in plan(scale):
+        config = run_config(run, Path("estimate"), None)
+        if run.group == "trunk":
+            work = work + training_work(config, 1, run.fork_epoch)
+        else:
+            work = work + training_work(config, 1 if run.trunk is None else run.fork_epoch + 1)
+    return work.seconds(device)
