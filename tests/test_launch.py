@@ -132,6 +132,8 @@ def slurm_on_this_machine(directory: Path) -> Path:
 @pytest.mark.slow
 @needs_jobqueue
 def test_the_slurm_launcher_runs_jobs_in_the_jobs_it_submits_and_replaces_one_that_ends(tmp_path, monkeypatch):
+    import dask
+
     slurm = slurm_on_this_machine(tmp_path / "slurm")
     monkeypatch.setenv("PATH", f"{slurm}{os.pathsep}{os.environ['PATH']}")
     config = tmp_path / "cluster.yaml"
@@ -140,7 +142,8 @@ def test_the_slurm_launcher_runs_jobs_in_the_jobs_it_submits_and_replaces_one_th
     record = f"import os; open({str(tmp_path / 'groups')!r}, 'a').write(f'{{os.getpgrp()}}\\n')"
     jobs = [_job(tmp_path, "first", record), _job(tmp_path, "second", record),
             _job(tmp_path, "after-first", record, needs=("first",))]
-    with slurm_cluster(launcher, tmp_path / "logs", count=2) as cluster, \
+    lost = {"distributed.deploy.lost-worker-timeout": "1s"}  # replace a lost job after 1 s, not 15
+    with dask.config.set(lost), slurm_cluster(launcher, tmp_path / "logs", count=2) as cluster, \
             __import__("distributed").Client(cluster) as client:
         client.wait_for_workers(2, timeout=60)
         outcome = run_jobs(client, jobs, lambda line: None, poll=0.1)
@@ -170,13 +173,15 @@ def _job(tmp_path: Path, name: str, code: str, needs: tuple[str, ...] = ()) -> J
 @needs_dask
 def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(tmp_path):
     ready = tmp_path / "first.done"
-    jobs = [_job(tmp_path, "first", f"open({str(ready)!r}, 'w')"),  # the first two start at once
-            _job(tmp_path, "third", "pass"),
+    gpu = f"open({str(tmp_path / 'gpus')!r}, 'a').write(__import__('os').environ['CUDA_VISIBLE_DEVICES'] + ' ')"
+    jobs = [_job(tmp_path, "first", f"open({str(ready)!r}, 'w'); {gpu}"),  # the first two start at once
+            _job(tmp_path, "third", gpu),
             _job(tmp_path, "broken", "print('about to fail'); raise SystemExit(3)"),
             _job(tmp_path, "second", f"assert __import__('os').path.exists({str(ready)!r})", needs=("first",)),
             _job(tmp_path, "after-broken", "pass", needs=("broken",))]
     lines: list[str] = []
-    with local_cluster([{}, {}]) as cluster, __import__("distributed").Client(cluster) as client:
+    slots = [{"CUDA_VISIBLE_DEVICES": "3"}, {"CUDA_VISIBLE_DEVICES": "5"}]  # as local_slots makes them for GPUs
+    with local_cluster(slots) as cluster, __import__("distributed").Client(cluster) as client:
         outcome = run_jobs(client, jobs, lines.append, poll=0.1)
 
     assert sorted(outcome.finished) == ["first", "second", "third"]
@@ -194,11 +199,40 @@ def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(
     moments = sorted(t for span in times.values() for t in span)
     running = [sum(s <= t < e for s, e in times.values()) for t in moments]
     assert max(running) == 2  # two jobs at a time, never three
+    assert sorted((tmp_path / "gpus").read_text().split()) == ["3", "5"]  # the two at once: one "GPU" each
 
+    events = [line.split(" ", 1)[1].split(" |")[0] for line in lines]
+    for name in ("first", "third", "broken", "second"):  # every start is printed once, before its end
+        end = next(i for i, e in enumerate(events) if e == f"finished {name}" or e.startswith(f"FAILED {name} "))
+        assert events.count(f"started {name}") == 1 and events.index(f"started {name}") < end, events
+    assert not any("started after-broken" in line for line in lines)
     assert any("FAILED broken exited with code 3; log: " in line for line in lines), lines
     assert any("not run after-broken (needs broken)" in line for line in lines), lines
     assert any("slowest running: " in line for line in lines), lines
     assert lines[-1].endswith("jobs: 3 finished, 0 running, 0 queued, 1 failed, 1 not run"), lines[-1]
+
+
+@pytest.mark.parametrize("visible, jobs, threads, want_gpus, want_threads", [
+    (None, None, None, ["0", "1", "2", "3", "4", "5", "6", "7"], 2),  # one job per GPU, 16 cores shared
+    ("2,5", None, None, ["2", "5"], 8),                               # the GPUs this process may use
+    ("2,5", 3, 1, ["2", "5", "2"], 1),                                # more jobs than GPUs: round robin
+])
+def test_local_slots_give_each_worker_one_gpu(visible, jobs, threads, want_gpus, want_threads, monkeypatch):
+    import torch
+
+    from ducat.reproduce import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(visible.split(",")) if visible else 8)
+    monkeypatch.setattr("ducat.runtime.usable_cores", lambda: 16)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    slots, per_job = launch.local_slots(Launcher("local", jobs=jobs, threads=threads), "auto")
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in slots] == want_gpus and per_job == want_threads
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU: one single-threaded job per core
+    assert launch.local_slots(Launcher("local"), "auto") == ([{}] * 16, 1)
 
 
 def test_a_job_dies_with_the_process_that_started_it(tmp_path):
@@ -231,10 +265,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _ducat(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _ducat(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     base = {k: v for k, v in os.environ.items() if k != "DUCAT_TEST_CRASH_AT"}
-    return subprocess.run([sys.executable, "-m", "ducat", *args], capture_output=True, text=True, timeout=900,
-                          env={**base, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen([sys.executable, "-m", "ducat", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**base, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _files(out: Path) -> set[str]:
@@ -243,24 +286,21 @@ def _files(out: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def grids(tmp_path_factory):
-    """The sequential grid, the launched grid with one job killed, and the launched grid's rerun."""
+    """The sequential grid, the launched grid with one job killed, and the launched grid's rerun. The
+    sequential grid runs beside the launched ones: single-threaded, it leaves a core free that they use."""
     if not HAS_DASK:
         pytest.skip(f"Dask is not installed: {INSTALL}")
     root = tmp_path_factory.mktemp("grids")
-    times = {}
     started = time.perf_counter()
     sequential = _ducat([*GRID, "--out", str(root / "sequential")])
-    times["sequential"] = time.perf_counter() - started
-    assert sequential.returncode == 0, sequential.stderr[-2000:]
-    started = time.perf_counter()
-    killed = _ducat([*LAUNCHED, "--out", str(root / "launched")], {"DUCAT_TEST_CRASH_AT": "replaced:epoch_1.pt.sha256"})
-    times["killed"] = time.perf_counter() - started
+    killed = _finish(_ducat([*LAUNCHED, "--out", str(root / "launched")],
+                            {"DUCAT_TEST_CRASH_AT": "replaced:epoch_1.pt.sha256"}))
     killed.files = _files(root / "launched")  # what the first invocation left, before the rerun adds to it
     killed.last_epoch = load_checkpoint(root / "launched" / "runs" / KILLED / "last.pt")["epoch"]
-    started = time.perf_counter()
-    rerun = _ducat([*LAUNCHED, "--out", str(root / "launched")])
-    times["rerun"] = time.perf_counter() - started
-    print(f"grid invocations: {', '.join(f'{k} {v:.0f} s' for k, v in times.items())}")
+    rerun = _finish(_ducat([*LAUNCHED, "--out", str(root / "launched")]))
+    sequential = _finish(sequential)
+    assert sequential.returncode == 0, sequential.stderr[-2000:]
+    print(f"the three grid invocations: {time.perf_counter() - started:.0f} s")
     return root, killed, rerun
 
 

@@ -141,7 +141,7 @@ def run_jobs(client: Any, jobs: list[Job], log: Callable[[str], None], poll: flo
         for name in done:
             if not any(need in pending for need in pending[name].needs):
                 settle(pending.pop(name), futures[name], set(started), outcome)
-        progress.update(outcome, {n: started[n] for n in pending if n in started})
+        progress.update(outcome, started, set(pending))
         if pending:
             time.sleep(poll)
     return outcome
@@ -154,28 +154,21 @@ class Progress:
 
     def __init__(self, log: Callable[[str], None], total: int, heartbeat: float):
         self.log, self.total, self.heartbeat = log, total, heartbeat
-        self.seen: set[str] = set()
-        self.running: frozenset[str] = frozenset()
+        self.seen: set[str] = set()  # jobs whose start, and (separately) whose end, were printed
         self.last = time.monotonic()
 
-    def update(self, outcome: Outcome, running: dict[str, float]) -> None:
-        """Print what changed since the last call (``running``: job -> start time, as a Unix time)."""
-        events = []
-        for name in outcome.finished:
-            if name not in self.seen:
-                events.append(f"finished {name}")
-        for name, error in outcome.failed.items():
-            if name not in self.seen:
-                events.append(f"FAILED {error if isinstance(error, JobFailed) else f'{name}: {error!r}'}")
-        for name, culprit in outcome.not_run.items():
-            if name not in self.seen:
-                events.append(f"not run {name} (needs {culprit})")
-        self.seen.update(outcome.finished, outcome.failed, outcome.not_run)
-        events += [f"started {name}" for name in sorted(running, key=running.get) if name not in self.running]
-        self.running = frozenset(running)
+    def update(self, outcome: Outcome, started: dict[str, float], pending: set[str]) -> None:
+        """Print what changed since the last call (``started``: job -> its start, a Unix time; ``pending``:
+        the jobs not settled in ``outcome`` yet)."""
+        events = [f"started {n}" for n in sorted(started, key=started.get) if f"start {n}" not in self.seen]
+        events += [f"finished {n}" for n in outcome.finished if n not in self.seen]
+        events += [f"FAILED {e if isinstance(e, JobFailed) else f'{n}: {e!r}'}" for n, e in outcome.failed.items()
+                   if n not in self.seen]
+        events += [f"not run {n} (needs {c})" for n, c in outcome.not_run.items() if n not in self.seen]
+        self.seen.update(outcome.finished, outcome.failed, outcome.not_run, (f"start {n}" for n in started))
         if not events and time.monotonic() - self.last < self.heartbeat:
             return
-        summary = self.summary(outcome, running)
+        summary = self.summary(outcome, {n: started[n] for n in pending if n in started})
         for event in events or ["progress"]:
             self.log(f"{time.strftime('%H:%M:%S')} {event} | {summary}")
         self.last = time.monotonic()

@@ -6,7 +6,7 @@ dependency: ``pip install -e ".[cluster]"``. The grid's jobs are in :mod:`.jobs`
 
 - ``local``: one Dask worker per GPU of this machine, each with its own ``CUDA_VISIBLE_DEVICES``, or on a
   CPU ``--jobs`` workers, each job with ``--threads`` torch threads. Scheduler and workers listen on
-  127.0.0.1 only.
+  127.0.0.1 only (so does the scheduler's web dashboard, on a free port, with either launcher).
 - ``slurm``: each worker is a SLURM job submitted by dask-jobqueue from this machine (partition, time
   limit, GPUs, cores and memory per job, any other ``#SBATCH`` line), ``--jobs`` of them (or fewer when
   fewer jobs are left), kept until the grid's jobs are done. The compute nodes need this Python
@@ -144,7 +144,7 @@ def local_cluster(slots: list[dict[str, str]]) -> Any:
     workers = {f"slot-{i}": {"cls": Nanny, "options": {
         "nthreads": 1, "host": "127.0.0.1", "env": env, "memory_limit": 0,
         "silence_logs": logging.CRITICAL}} for i, env in enumerate(slots)}
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": None}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.CRITICAL, name="ducat")
 
 
@@ -160,6 +160,6 @@ def slurm_cluster(launcher: Launcher, log_dir: Path, count: int) -> Any:
         cores=1, processes=1, job_cpu=launcher.cores_per_job, memory=launcher.memory,
         interface=launcher.interface, job_extra_directives=[*gres, *launcher.directives],
         job_script_prologue=list(launcher.setup), log_directory=str(log_dir),
-        scheduler_options={"dashboard_address": None}, silence_logs="critical")
+        scheduler_options={"dashboard_address": "127.0.0.1:0"}, silence_logs="critical")
     cluster.adapt(minimum_jobs=count, maximum_jobs=count)  # adapt, not scale: a job that ends is replaced
     return cluster
