@@ -112,7 +112,11 @@ def launcher_option(args: argparse.Namespace) -> Launcher | None:
         raise UsageError(f"{flag(given[0])} needs --launcher{' slurm' if given[0] in SLURM_OPTIONS else ''}")
     if args.launcher is None:
         return None
-    from ducat.reproduce.launch import Launcher, check_engine, slurm_launcher  # loads torch: after the checks above
+    from ducat.reproduce.launch import (  # loads torch: not at this module's import
+        Launcher,
+        check_engine,
+        slurm_launcher,
+    )
 
     slurm_only = [name for name in given if name in SLURM_OPTIONS]
     if args.launcher != "slurm" and slurm_only:

@@ -15,17 +15,16 @@ import platform
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from ducat.config import ConfigError, TrainConfig
 from ducat.data import load_split
 from ducat.fileio import RunLock, atomic_write_bytes
 from ducat.provenance import provenance, source_digest
 from ducat.reproduce.grid import GridRun, check_nproc, plan, run_config, train_run
+from ducat.reproduce.jobs import launch_grid
+from ducat.reproduce.launch import Launcher
 from ducat.reproduce.scales import SCALES, VARIANTS, Scale, get_scale
-
-if TYPE_CHECKING:
-    from ducat.reproduce.launch import Launcher
 
 __all__ = ["SCALES", "VARIANTS", "GridRun", "Scale", "get_scale", "plan", "reproduce", "run_config"]
 
@@ -89,8 +88,6 @@ def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, Trai
         log("evaluating")
         evaluate_runs(runs, scale, out, data_root, log, workers)
     else:
-        from ducat.reproduce.jobs import launch_grid  # loads the evaluation code, like the report's stages
-
         ran = launch_grid(replace(launcher, workers=workers), runs, scale, out, data_root,
                           configs[runs[0].name].run.device, log)
         spent = f"{(time.perf_counter() - started) / 60:.1f} min of it in {ran}"

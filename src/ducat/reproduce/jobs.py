@@ -29,6 +29,7 @@ from ducat.reproduce.evaluation import evaluate_run, evaluated
 from ducat.reproduce.grid import GridRun, finished, plan, run_config, train_run
 from ducat.reproduce.launch import SLURM_JOBS, Launcher, local_cluster, local_slots, slurm_cluster
 from ducat.reproduce.scales import Scale, get_scale
+from ducat.runtime import configure_threads
 from ducat.train import RunError
 
 
@@ -155,8 +156,6 @@ def _end_with_parent() -> None:
 
 def run_job(args: argparse.Namespace) -> None:
     """Train or evaluate one run of the grid, exactly as the sequential path does."""
-    from ducat.runtime import configure_threads
-
     configure_threads(args.threads)
     scale = get_scale(args.scale).with_seeds(args.seeds).with_variants(
         tuple(v for v in args.variants.split(",") if v))

@@ -25,8 +25,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
+from ducat import runtime
 from ducat.config import ConfigError
 
 LAUNCHERS = {"local": ("distributed",), "slurm": ("distributed", "dask_jobqueue")}
@@ -117,8 +119,6 @@ def slurm_launcher(base: Launcher, config_file: Path | None, flags: dict[str, An
 
 def gpu_ids(device: str) -> list[str]:
     """The GPUs the runs will use on this machine (``CUDA_VISIBLE_DEVICES`` names), none on a CPU run."""
-    import torch
-
     if device == "cpu" or not torch.cuda.is_available():
         return []
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
@@ -128,9 +128,7 @@ def gpu_ids(device: str) -> list[str]:
 def local_slots(launcher: Launcher, device: str) -> tuple[list[dict[str, str]], int]:
     """The environment of each local worker (one GPU each, round robin when ``jobs`` exceeds the GPUs) and
     each job's torch threads: by default one job per GPU, or on a CPU one single-threaded job per core."""
-    from ducat.runtime import usable_cores
-
-    gpus, cores = gpu_ids(device), usable_cores()
+    gpus, cores = gpu_ids(device), runtime.usable_cores()
     count = launcher.jobs or (len(gpus) if gpus else max(1, cores // (launcher.threads or 1)))
     slots = [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else {} for i in range(count)]
     return slots, launcher.threads or max(1, cores // count)
