@@ -236,8 +236,8 @@ def test_local_slots_give_each_worker_one_gpu(visible, jobs, threads, want_gpus,
 
 
 def test_a_job_dies_with_the_process_that_started_it(tmp_path):
-    """A stopped launcher leaves no job behind holding its run's lock (jobs._end_with_parent)."""
-    job = ("import os, sys, time; sys.path.insert(0, os.environ['SRC']); from ducat.reproduce.jobs import "
+    """A stopped launcher leaves no job behind holding its run's lock (job._end_with_parent)."""
+    job = ("import os, sys, time; sys.path.insert(0, os.environ['SRC']); from ducat.reproduce.job import "
            "_end_with_parent; _end_with_parent(); print('ready', flush=True); time.sleep(120)")
     parent = ("import os, subprocess, sys, time; env = dict(os.environ, DUCAT_JOB_PARENT=str(os.getpid())); "
               f"child = subprocess.Popen([sys.executable, '-c', {job!r}], env=env, stdout=subprocess.PIPE, text=True); "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 EVENTS = "ducat-jobs"  # the Dask event topic on which jobs announce their start
-PARENT_ENV = "DUCAT_JOB_PARENT"  # the PID of the process that started a job (ducat.reproduce.jobs reads it)
+PARENT_ENV = "DUCAT_JOB_PARENT"  # the PID of the process that started a job (ducat.reproduce.job reads it)
 
 
 @dataclass(frozen=True)

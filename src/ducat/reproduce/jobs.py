@@ -1,9 +1,9 @@
-"""The grid of a reproduction as jobs for a launcher (:mod:`.launch`), and the command each job runs.
+"""The grid of a reproduction as jobs for a launcher (:mod:`.launch`), and running them (:func:`launch_grid`).
 
-Each job is a subprocess, ``python -m ducat.reproduce.jobs train|eval RUN ...``, so that its torch
-settings, its memory and a crash are its own, with its output in ``OUT/logs/<job>.log``. It does what
-the sequential path does for that run, with the same functions: :func:`~.grid.train_run` (train, fork,
-resume or skip) or :func:`~.results.evaluate_run` (the same evaluation settings).
+Each job is a subprocess, ``python -m ducat.reproduce.job train|eval RUN ...`` (:mod:`.job`), so that its
+torch settings, its memory and a crash are its own, with its output in ``OUT/logs/<job>.log``. It does
+what the sequential path does for that run, with the same functions: :func:`~.grid.train_run` (train,
+fork, resume or skip) or :func:`~.evaluation.evaluate_run` (the same evaluation settings).
 
 What depends on what: a fork's training needs its trunk's; a run's evaluation needs its training; the
 report (made by the driver) needs everything. Finished work -- a trained run, an evaluation with the
@@ -13,23 +13,16 @@ that was killed resumes its run from the last checkpoint.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import os
-import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ducat.config import ConfigError
-from ducat.errors import USER_ERRORS
-from ducat.reproduce.engine import PARENT_ENV, Job, JobFailed, Outcome, run_jobs
-from ducat.reproduce.evaluation import evaluate_run, evaluated
-from ducat.reproduce.grid import GridRun, finished, plan, run_config, train_run
+from ducat.reproduce.engine import Job, JobFailed, Outcome, run_jobs
+from ducat.reproduce.evaluation import evaluated
+from ducat.reproduce.grid import GridRun, finished
 from ducat.reproduce.launch import SLURM_JOBS, Launcher, local_cluster, local_slots, slurm_cluster
-from ducat.reproduce.scales import Scale, get_scale
-from ducat.runtime import configure_threads
+from ducat.reproduce.scales import Scale
 from ducat.train import RunError
 
 
@@ -48,7 +41,7 @@ class JobOptions:
     nproc: int = 1
 
     def argv(self, kind: str, run: str) -> tuple[str, ...]:
-        args = [sys.executable, "-m", "ducat.reproduce.jobs", kind, run, "--scale", self.scale,
+        args = [sys.executable, "-m", "ducat.reproduce.job", kind, run, "--scale", self.scale,
                 "--seeds", str(self.seeds), f"--variants={','.join(self.variants)}", "--out", str(self.out),
                 "--nproc", str(self.nproc)]
         for option, value in (("--data-root", self.data_root), ("--threads", self.threads),
@@ -122,66 +115,3 @@ def raise_failures(outcome: Outcome, total: int) -> None:
     not_run = f"; {len(outcome.not_run)} jobs that need them were not run" if outcome.not_run else ""
     raise RunError(f"{len(outcome.failed)} of {total} jobs failed: {failed}{not_run}; the other jobs' work is "
                    "kept: run the same command again to resume the failed runs and do the rest")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ducat.reproduce.jobs",
-                                     description="one job of a launched reproduction (started by ducat reproduce "
-                                                 "--launcher; not meant to be typed)")
-    parser.add_argument("kind", choices=("train", "eval"))
-    parser.add_argument("run", help="the run's name in the grid")
-    parser.add_argument("--scale", required=True)
-    parser.add_argument("--seeds", type=int, required=True)
-    parser.add_argument("--variants", required=True, help="comma-separated, possibly empty")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--data-root")
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--nproc", type=int, default=1)
-    return parser
-
-
-def _end_with_parent() -> None:
-    """Ask Linux to SIGKILL this job when the process that started it (a launcher's worker) dies, so that a
-    stopped reproduction leaves no job behind that holds its run's lock; the run resumes from its last
-    checkpoint next time. A no-op elsewhere."""
-    parent = os.environ.get(PARENT_ENV)
-    if not sys.platform.startswith("linux") or parent is None:
-        return
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != int(parent):  # the parent died before the request was made
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_job(args: argparse.Namespace) -> None:
-    """Train or evaluate one run of the grid, exactly as the sequential path does."""
-    configure_threads(args.threads)
-    scale = get_scale(args.scale).with_seeds(args.seeds).with_variants(
-        tuple(v for v in args.variants.split(",") if v))
-    runs = {run.name: run for run in plan(scale)}
-    if args.run not in runs:
-        raise ConfigError(f"no run '{args.run}' in the {args.scale} grid")
-    run, out = runs[args.run], Path(args.out)
-    if args.kind == "train":
-        train_run(run, run_config(run, out, args.data_root), out, args.nproc, lambda line: print(line, flush=True))
-    else:
-        evaluate_run(run, scale, out, args.data_root, args.workers)
-    print(f"{args.kind} {args.run}: done", flush=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """A job's process: exit 0 when its run is trained or evaluated, 1 with one error line when it failed on
-    a known error (an unexpected one prints its traceback)."""
-    args = _parser().parse_args(argv)
-    _end_with_parent()
-    try:
-        run_job(args)
-    except (RunError, *USER_ERRORS) as exc:
-        print(f"ducat job: error: {exc}", file=sys.stderr, flush=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
