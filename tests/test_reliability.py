@@ -153,6 +153,23 @@ def test_restart_after_a_crash_before_the_first_checkpoint_has_one_row_per_epoch
     assert [r["epoch"] for r in rows] == [1, 2] and rows[0]["train_loss"] != 9.9
 
 
+def test_resume_writes_a_saved_epoch_checkpoint_that_a_kill_left_unwritten(tmp_path):
+    # killed after last.pt of epoch 1 but before epoch_1.pt (run.save_epochs): the resume writes it, so that
+    # the DUCAT runs forking from a trunk at epoch 1 find it (found by tests/test_launch.py's killed trunk)
+    run_dir = tmp_path / "run"
+    args = tiny(run_dir, extra=("run.save_epochs=[1]",))
+    config = load_config(args[0], args[1:])
+    train(config, log=lambda s: None, until_epoch=1)
+    epoch_1 = weights(run_dir, "epoch_1.pt")
+    (run_dir / "epoch_1.pt").unlink()
+    lines: list[str] = []
+    train(config, resume=True, log=lines.append, until_epoch=2)
+    assert load_checkpoint(run_dir / "epoch_1.pt")["epoch"] == 1
+    assert same_weights(weights(run_dir, "epoch_1.pt"), epoch_1)
+    assert any("wrote the missing epoch_1.pt from last.pt" in line for line in lines), lines
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] == 2
+
+
 def test_crash_hook_is_inert_unless_asked(monkeypatch, tmp_path):
     from ducat.fileio import CRASH_ENV, crash_point
 

@@ -55,6 +55,33 @@ def test_reproduce_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, caps
     assert not (tmp_path / "out" / "runs").exists()  # no compute, nothing written
 
 
+def test_grid_cost_counts_each_trunk_once_and_each_fork_from_its_fork_epoch(tmp_path):
+    from dataclasses import replace
+
+    from ducat.presets import ONE_GPU, Work, estimate_seconds, training_work
+    from ducat.reproduce.grid import grid_seconds
+
+    ducat_run = next(r for r in rp.plan(rp.SCALES["paper"]) if r.name == "pgd_at-ducat-s0")
+    ducat_config = rp.run_config(ducat_run, tmp_path, None)
+    assert ducat_config.ducat.start_epoch == 105
+    for split in (1, 50, 104, 105, 129):  # a run is its first epochs plus the rest, DUCAT epochs included
+        parts = training_work(ducat_config, 1, split) + training_work(ducat_config, split + 1)
+        whole = training_work(ducat_config)
+        assert parts.flops == whole.flops and parts.passes == whole.passes
+    assert training_work(ducat_config, 131).flops == 0
+    scale = replace(rp.SCALES["paper"], seeds=1, variants=(), ablations={})
+    runs = rp.plan(scale)
+    full = {r.name: estimate_seconds(rp.run_config(r, tmp_path, None), ONE_GPU) for r in runs if r.group != "trunk"}
+    trunk_share = {r.name: training_work(rp.run_config(r, tmp_path, None), 1, r.fork_epoch) for r in runs
+                   if r.group == "trunk"}
+    forks = [r for r in runs if r.trunk is not None]
+    shared = sum((trunk_share[r.trunk] for r in forks), Work(0.0, 0.0)).seconds(ONE_GPU) - sum(
+        t.seconds(ONE_GPU) for t in trunk_share.values())  # trunk epochs every fork but one would repeat
+    assert len(forks) == 5 and len(trunk_share) == 4  # pgd_at's trunk is shared by its DUCAT run and the toy case
+    assert grid_seconds(scale, ONE_GPU) == pytest.approx(sum(full.values()) - shared, rel=1e-9)
+    assert shared > 0
+
+
 def test_exact_mcnemar_known_answers():
     base = np.array([1, 1, 0, 0, 1] + [0] * 9 + [1] * 6, bool)
     other = np.array([1, 0, 0, 1, 1] + [1] * 9 + [1] * 6, bool)

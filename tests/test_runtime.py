@@ -146,6 +146,19 @@ def test_configure_determinism_toggles_torch():
         torch.use_deterministic_algorithms(was)
 
 
+def test_configure_determinism_off_in_a_fresh_process_loads_no_compiler():
+    """Off is torch's default: nothing to change, so torch's compiler (about 1 s to import) is not loaded,
+    which every job of a launched grid would pay; warn-only mode still counts as on."""
+    code = ("import sys, torch; from ducat.runtime import configure_determinism; configure_determinism(False); "
+            "print('torch._inductor' in sys.modules, torch.are_deterministic_algorithms_enabled()); "
+            "torch.use_deterministic_algorithms(True, warn_only=True); configure_determinism(False); "
+            "print(torch.are_deterministic_algorithms_enabled(), "
+            "torch.is_deterministic_algorithms_warn_only_enabled())")
+    env = dict(os.environ, PYTHONPATH=str(Path(runtime.__file__).parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    assert out.stdout.split() == ["False", "False", "False", "False"]
+
+
 def test_native_bf16_matches_the_cpu_flags():
     flags = set()
     if Path("/proc/cpuinfo").exists():

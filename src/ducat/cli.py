@@ -18,6 +18,7 @@ from ducat.cli_options import (
     check_output_dir,
     epochs_option,
     eval_settings,
+    launcher_option,
     set_threads,
 )
 from ducat.config import ScheduleWarning, load_config, load_run_config, parse_fraction
@@ -120,12 +121,15 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     check_output_dir(Path(args.out), "--out")
-    set_threads(args.threads)
+    launcher = launcher_option(args)  # before torch loads: a launched grid's jobs set their own threads
+    set_threads(args.threads if launcher is None else None)
 
     variants = tuple(v.strip() for v in args.variants.split(",") if v.strip()) if args.variants is not None else None
     reproduce(args.scale, Path(args.out), data_root=args.data_root, seeds=args.seeds, variants=variants,
-              nproc=args.nproc)
+              nproc=args.nproc, launcher=launcher, workers=args.workers)
     return 0
 
 
@@ -211,6 +215,24 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     _add_threads_argument(parser)
 
 
+def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    from ducat.reproduce.launch import LAUNCHERS
+
+    group = parser.add_argument_group("launcher", "run the grid's jobs through Dask (pip install -e \".[cluster]\"); "
+                                                  "see README, Running the grid on many GPUs")
+    group.add_argument("--launcher", choices=tuple(LAUNCHERS),
+                       help="local: this machine, one job per GPU (on a CPU, one single-threaded job per core); "
+                            "slurm: each worker a SLURM job (default: one run after another in this process)")
+    group.add_argument("--jobs", type=int, metavar="N", help="most jobs at a time (local default: one per GPU or "
+                                                             "core; slurm default: 8); --threads is per job")
+    group.add_argument("--partition", help="slurm: the partition (#SBATCH -p)")
+    group.add_argument("--gpus-per-job", type=int, metavar="N",
+                       help="slurm: GPUs per job (#SBATCH --gres=gpu:N, default 1; N > 1 trains with torchrun)")
+    group.add_argument("--time-limit", metavar="HH:MM:SS", help="slurm: time limit per job (#SBATCH -t)")
+    group.add_argument("--cluster-config", metavar="FILE", help="slurm: a YAML file of these settings and more "
+                                                                "(account, memory, cores_per_job, directives, setup)")
+
+
 def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's, the core count)")
 
@@ -250,7 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", help=f"comma-separated dummy-class variants to add (default: the scale's); "
                                       f"choose from: {', '.join(VARIANTS)}")
     p.add_argument("--nproc", type=int, default=1, help="train each run with torchrun on N processes/GPUs")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="evaluation processes per run (default: one per thread on a CPU); results depend on it")
     _add_threads_argument(p)
+    _add_launcher_arguments(p)
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("presets", help="the shipped presets: dataset, model, method, epochs, estimated time")

@@ -8,10 +8,14 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from ducat.config import parse_fraction
+
+if TYPE_CHECKING:
+    from ducat.reproduce.launch import Launcher
 
 
 class UsageError(ValueError):
@@ -150,3 +154,39 @@ def eval_norm(args: argparse.Namespace) -> str:
         raise UsageError(f"--norm {norm}: the run was trained against {trained}; give --eps, its default is the "
                          f"run's {trained} radius")
     return norm
+
+
+SLURM_OPTIONS = ("partition", "gpus_per_job", "time_limit", "cluster_config")
+
+
+def launcher_option(args: argparse.Namespace) -> Launcher | None:
+    """``ducat reproduce``'s ``--launcher`` and its options, checked before anything is submitted: options
+    without the launcher that uses them, ``--nproc`` with a launcher, the engine's packages, SLURM's
+    settings. None: the grid runs sequentially in this process."""
+    given = [name for name in ("jobs", *SLURM_OPTIONS) if getattr(args, name) is not None]
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    if args.launcher is None and given:
+        raise UsageError(f"{flag(given[0])} needs --launcher{' slurm' if given[0] in SLURM_OPTIONS else ''}")
+    if args.launcher is None:
+        return None
+    from ducat.reproduce.launch import (  # loads torch: not at this module's import
+        Launcher,
+        check_engine,
+        slurm_launcher,
+    )
+
+    slurm_only = [name for name in given if name in SLURM_OPTIONS]
+    if args.launcher != "slurm" and slurm_only:
+        raise UsageError(f"{flag(slurm_only[0])} is an option of --launcher slurm, not --launcher {args.launcher}")
+    if args.nproc > 1:
+        raise UsageError("--nproc trains one run on several GPUs; with --launcher each job has its own GPU "
+                         "(on SLURM, --gpus-per-job N trains each run on N)")
+    for name in ("jobs", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UsageError(f"{flag(name)} must be >= 1, got {getattr(args, name)}")
+    check_engine(args.launcher)
+    if args.launcher == "local":
+        return Launcher("local", jobs=args.jobs, threads=args.threads)
+    flags = {name: getattr(args, name) for name in ("jobs", "partition", "gpus_per_job", "time_limit")}
+    config = Path(args.cluster_config) if args.cluster_config else None
+    return slurm_launcher(Launcher("slurm", threads=args.threads), config, flags)  # the flags override the file

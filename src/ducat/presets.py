@@ -118,25 +118,29 @@ def step_cost(method: str, steps: int, ducat_active: bool) -> tuple[int, int]:
     return views * (2 * steps + train) + extra, 2 * steps + 2 + extra
 
 
-def training_work(config: TrainConfig) -> Work:
-    """What training ``config`` computes over all its epochs, validation included."""
+def training_work(config: TrainConfig, first: int = 1, last: int | None = None) -> Work:
+    """What training ``config`` computes over its epochs ``first`` to ``last`` (default: all), validation
+    included: a whole run, or the part of it that a reproduction's trunk or fork trains."""
     d, o, v = config.data, config.optim, config.validation
+    last = o.epochs if last is None else last
     flops = forward_flops(config)
     n_total = dataset_info(d.dataset).train_size
     n_total = n_total if d.n_train is None else min(d.n_train, n_total)
     n_val = round(n_total * d.val_fraction)
     n_train = n_total - n_val
     batches = math.ceil(n_train / d.batch_size)
-    active = o.epochs - config.ducat.start_epoch + 1 if config.ducat.enabled else 0
+    epochs = max(0, last - first + 1)
+    start = config.ducat.start_epoch if config.ducat.enabled else last + 1
+    active = max(0, last - max(first, start) + 1)
     work = Work(0.0, 0.0)
-    for is_active, epochs in ((False, o.epochs - active), (True, active)):
+    for is_active, count in ((False, epochs - active), (True, active)):
         units, passes = step_cost(config.method.name, config.attack.steps, is_active)
-        work = work + Work(epochs * n_train * units * flops, epochs * batches * passes)
+        work = work + Work(count * n_train * units * flops, count * batches * passes)
     n_eval = n_val if v.n_examples is None else min(v.n_examples, n_val or v.n_examples)
     splits = 2 if v.select == "test" and n_val else 1
     per_epoch = Work(n_eval * (2 * v.pgd_steps + 2) * flops,
                      math.ceil(n_eval / v.batch_size) * (2 * v.pgd_steps + 2))
-    return work + Work(o.epochs * splits * per_epoch.flops, o.epochs * splits * per_epoch.passes)
+    return work + Work(epochs * splits * per_epoch.flops, epochs * splits * per_epoch.passes)
 
 
 def estimate_seconds(config: TrainConfig, device: Throughput) -> float:

@@ -96,7 +96,9 @@ def configure_determinism(deterministic: bool) -> None:
 
     if deterministic:
         os.environ.setdefault(*CUBLAS_WORKSPACE)
-    torch.use_deterministic_algorithms(deterministic)
+    if torch.are_deterministic_algorithms_enabled() != deterministic or \
+            torch.is_deterministic_algorithms_warn_only_enabled():  # only on a change: the call loads torch's
+        torch.use_deterministic_algorithms(deterministic)  # compiler (about 1 s), once per run of a launched grid
     torch.backends.cudnn.benchmark = not deterministic
 
 

@@ -13,7 +13,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +22,8 @@ from ducat.data import load_split
 from ducat.fileio import RunLock, atomic_write_bytes
 from ducat.provenance import provenance, source_digest
 from ducat.reproduce.grid import GridRun, check_nproc, plan, run_config, train_run
+from ducat.reproduce.jobs import launch_grid
+from ducat.reproduce.launch import Launcher
 from ducat.reproduce.scales import SCALES, VARIANTS, Scale, get_scale
 
 __all__ = ["SCALES", "VARIANTS", "GridRun", "Scale", "get_scale", "plan", "reproduce", "run_config"]
@@ -48,8 +50,11 @@ def check_manifest(out: Path, expected: dict) -> None:
 
 
 def reproduce(scale_name: str, out: Path, data_root: str | None = None, seeds: int | None = None,
-              variants: tuple[str, ...] | None = None, nproc: int = 1, log: Callable[[str], None] = print) -> Path:
-    """Run (or continue) the grid at ``scale_name`` and write ``out/report.md`` with its figures."""
+              variants: tuple[str, ...] | None = None, nproc: int = 1, log: Callable[[str], None] = print,
+              launcher: Launcher | None = None, workers: int | None = None) -> Path:
+    """Run (or continue) the grid at ``scale_name`` and write ``out/report.md`` with its figures: one run after
+    another in this process, or with ``launcher`` as jobs on a Dask cluster (:mod:`.launch`). ``workers``:
+    evaluation processes per run (None: one per torch thread on a CPU); results depend on it."""
     scale = get_scale(scale_name).with_seeds(seeds).with_variants(variants)
     runs = plan(scale)
     configs = {run.name: run_config(run, out, data_root) for run in runs}  # every config checked first
@@ -58,11 +63,12 @@ def reproduce(scale_name: str, out: Path, data_root: str | None = None, seeds: i
     with RunLock(out) as lock:  # one reproduction per --out at a time (train() also locks each run directory)
         if lock.note:
             log(lock.note)
-        return _reproduce_locked(scale, runs, configs, out, data_root, nproc, log)
+        return _reproduce_locked(scale, runs, configs, out, data_root, nproc, log, launcher, workers)
 
 
 def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, TrainConfig], out: Path,
-                      data_root: str | None, nproc: int, log: Callable[[str], None]) -> Path:
+                      data_root: str | None, nproc: int, log: Callable[[str], None], launcher: Launcher | None,
+                      workers: int | None) -> Path:
     """The body of :func:`reproduce`, run while holding the lock of ``out``."""
     # the report's stages load matplotlib and scipy: imported here, not by every command that reads the scales
     from ducat.reproduce.figures import draw
@@ -75,17 +81,22 @@ def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, Trai
     atomic_write_bytes(out / "manifest.json", json.dumps(expected, indent=2).encode())
     started = time.perf_counter()
     log(f"reproduce --scale {scale.name}: {len(runs)} runs into {out / 'runs'}")
-    for run in runs:
-        train_run(run, configs[run.name], out, nproc, log)
-    trained = time.perf_counter() - started
-    log("evaluating")
-    evaluate_runs(runs, scale, out, data_root, log)
+    if launcher is None:
+        for run in runs:
+            train_run(run, configs[run.name], out, nproc, log)
+        spent = f"{(time.perf_counter() - started) / 60:.1f} min of it training"
+        log("evaluating")
+        evaluate_runs(runs, scale, out, data_root, log, workers)
+    else:
+        ran = launch_grid(replace(launcher, workers=workers), runs, scale, out, data_root,
+                          configs[runs[0].name].run.device, log)
+        spent = f"{(time.perf_counter() - started) / 60:.1f} min of it in {ran}"
     results = collect(runs, scale, out, data_root)
     atomic_write_bytes(out / "results.json", json.dumps(results.to_json(), indent=2).encode())
     figures = draw(results, out / "figures")
     wall = time.perf_counter() - started
-    footer = (f"---\nWall time of this invocation: {wall / 60:.1f} min ({trained / 60:.1f} min of it training; a "
-              f"rerun skips finished runs). Machine: {_machine()}. Provenance: {json.dumps(provenance())}.")
+    footer = (f"---\nWall time of this invocation: {wall / 60:.1f} min ({spent}; a rerun skips finished runs). "
+              f"Machine: {_machine()}. Provenance: {json.dumps(provenance())}.")
     atomic_write_bytes(out / "report.md", report_markdown(results, figures, scale, footer).encode())
     log(f"report written to {out / 'report.md'} ({wall / 60:.1f} min)")
     return out / "report.md"

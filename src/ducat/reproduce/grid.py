@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from ducat.config import ConfigError, TrainConfig, load_config
+from ducat.presets import Throughput, Work, training_work
 from ducat.reproduce.scales import VARIANTS, Scale
 from ducat.train import RunError, fork_run, train
 
@@ -100,7 +101,7 @@ def run_config(run: GridRun, out: Path, data_root: str | None) -> TrainConfig:
 def train_run(run: GridRun, config: TrainConfig, out: Path, nproc: int, log: Callable[[str], None]) -> None:
     """Train, fork, resume or skip one run, whatever state its directory is in."""
     run_dir = Path(config.run.out)
-    if _finished(run, run_dir):
+    if finished(run, run_dir):
         log(f"  {run.name}: finished, skipped")
         return
     if run.trunk is not None and not (run_dir / "last.pt").is_file():
@@ -115,7 +116,8 @@ def train_run(run: GridRun, config: TrainConfig, out: Path, nproc: int, log: Cal
         train(config, resume=resume, log=lambda s: None, until_epoch=until)
 
 
-def _finished(run: GridRun, run_dir: Path) -> bool:
+def finished(run: GridRun, run_dir: Path) -> bool:
+    """Whether ``run`` is trained: a trunk to its last fork epoch, any other run to its end (``summary.json``)."""
     if run.group == "trunk":
         return (run_dir / f"epoch_{run.fork_epoch}.pt").is_file()
     return (run_dir / "summary.json").is_file()
@@ -150,3 +152,17 @@ def flat_overrides(config: TrainConfig) -> list[str]:
     ``load_config(preset, flat_overrides(config))`` is ``config`` again."""
     return [f"{section}.{key}={json.dumps(value)}" for section, values in config.to_dict().items()
             for key, value in values.items()]
+
+
+def grid_seconds(scale: Scale, device: Throughput) -> float:
+    """Training time of the whole grid of ``scale`` on ``device`` by ducat's cost model (:mod:`ducat.presets`,
+    an estimate): each run from scratch, each trunk to its last fork epoch, each fork from the epoch after
+    its fork epoch. Evaluation is not counted."""
+    work = Work(0.0, 0.0)
+    for run in plan(scale):
+        config = run_config(run, Path("estimate"), None)
+        if run.group == "trunk":
+            work = work + training_work(config, 1, run.fork_epoch)
+        else:
+            work = work + training_work(config, 1 if run.trunk is None else run.fork_epoch + 1)
+    return work.seconds(device)

@@ -15,8 +15,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ducat import analysis
-from ducat.eval import evaluate_checkpoint
 from ducat.objectives import METHODS
+from ducat.reproduce.evaluation import evaluate_run
 from ducat.reproduce.grid import GridRun
 from ducat.reproduce.models import transfer_between, tsne_features
 from ducat.reproduce.scales import VARIANTS, Scale
@@ -78,23 +78,12 @@ class Results:
 
 
 def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None,
-                  log: Callable[[str], None]) -> None:
+                  log: Callable[[str], None], workers: int | None = None) -> None:
     """Evaluate every finished run (not the trunks) under both protocols; cached in ``RUN/eval``."""
     for run in runs:
-        if run.group == "trunk":
-            continue
-        run_dir = out / "runs" / run.name
-        log(f"  {run.name}: evaluating")
-        evaluate_checkpoint(run_dir, out=run_dir / "eval", eps=scale.eval_eps, data_root=data_root, progress=False,
-                            settings=eval_settings(scale, run))
-
-
-def eval_settings(scale: Scale, run: GridRun) -> dict[str, Any]:
-    """The :class:`~ducat.eval.EvalSettings` fields every evaluation of ``run`` at ``scale`` uses."""
-    return {"n_examples": scale.eval_examples, "n_targets": scale.n_targets,
-            "attacks": scale.ablation_attacks if run.group == "ablation" else scale.eval_attacks,
-            "margin_restarts": scale.margin_restarts, "dawa_steps": scale.dawa_steps,
-            "equal_effort": scale.equal_effort, "autoattack": scale.autoattack, **scale.eval_checks}
+        if run.group != "trunk":
+            log(f"  {run.name}: evaluating")
+            evaluate_run(run, scale, out, data_root, workers)
 
 
 def report_of(out: Path, name: str) -> dict[str, Any]:

@@ -94,6 +94,7 @@ class RunState:
         self.elapsed_s = float(state.get("wall_time_s", 0.0))
         if write:
             self.truncate_metrics(state["epoch"])
+            keep_saved_epoch(self, state)
         self.log(f"resuming {self.run_dir} after epoch {state['epoch']}")
         return state
 
@@ -203,3 +204,16 @@ class RunState:
             with self.writing(self.run_dir / name):
                 atomic_write_bytes(self.run_dir / name, data)
         return RunResult(self.run_dir, self.config.optim.epochs, self.best_epoch, best, last, wall_time_s)
+
+
+def keep_saved_epoch(run: RunState, state: dict[str, Any]) -> None:
+    """Write ``epoch_N.pt`` of the epoch N that ``run`` resumes from when ``run.save_epochs`` asks for it and it
+    is missing: a kill between ``last.pt`` and it leaves it unwritten, no later epoch writes it, and the
+    DUCAT runs that fork from a trunk at epoch N need it (``ducat.reproduce``)."""
+    epoch = state["epoch"]
+    path = run.run_dir / f"epoch_{epoch}.pt"
+    if epoch not in run.config.run.save_epochs or path.is_file():
+        return
+    with run.writing(f"checkpoint {path} at epoch {epoch}"):
+        save_checkpoint({k: v for k, v in state.items() if k != "format_version"}, path, keep_previous=False)
+    run.log(f"wrote the missing {path.name} from {run.saved[0].name} (same epoch)")
