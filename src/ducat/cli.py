@@ -13,7 +13,6 @@ import warnings
 from pathlib import Path
 
 from ducat.cli_options import (
-    UsageError,
     add_check_arguments,
     check_output_dir,
     epochs_option,
@@ -22,7 +21,7 @@ from ducat.cli_options import (
     set_threads,
 )
 from ducat.config import ScheduleWarning, load_config, load_run_config, parse_fraction
-from ducat.errors import USER_ERRORS, ConfigError
+from ducat.errors import USER_ERRORS, ConfigError, MetricsError, UsageError
 from ducat.runtime import prepare_environment
 
 EPOCHS_HELP = ("shorten or lengthen the preset keeping its proportions: the lr milestones, the DUCAT start "
@@ -141,7 +140,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from ducat.analysis import MetricsError, training_curves
+    from ducat.analysis import training_curves
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -362,7 +361,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = _parse(argv)
         return args.func(args)
-    except (UsageError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         print(f"ducat: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -375,13 +374,6 @@ def _main(argv: list[str] | None) -> int:
         where = f" '{exc.filename}'" if exc.filename else ""
         print(f"ducat: error: cannot read or write{where} ({exc.strerror or exc})", file=sys.stderr)
         return 2
-    except Exception as exc:
-        from ducat.train import RunError
-
-        if isinstance(exc, RunError):
-            print(f"ducat: error: {_one_line(exc)}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

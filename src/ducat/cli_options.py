@@ -13,13 +13,10 @@ from typing import TYPE_CHECKING
 import yaml
 
 from ducat.config import parse_fraction
+from ducat.errors import UsageError
 
 if TYPE_CHECKING:
     from ducat.reproduce.launch import Launcher
-
-
-class UsageError(ValueError):
-    """Bad command-line usage; one line."""
 
 
 def epochs_option(args: argparse.Namespace) -> int | None:

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Self
 
+from ducat.errors import RunDirError, RunLockedError
+
 CRASH_ENV = "DUCAT_TEST_CRASH_AT"
 _crash_hits: dict[str, int] = {}
 _TEMP_NAME = re.compile(r"\..+\.(\d{1,9})\.[0-9a-f]{8}\.(tmp|link)")
@@ -116,14 +118,6 @@ def remove_orphan_temps(directory: Path) -> list[Path]:
                 continue
             removed.append(entry)
     return removed
-
-
-class RunDirError(ValueError):
-    """A run directory that cannot be created or locked; the message is one line."""
-
-
-class RunLockedError(RunDirError):
-    """Another process holds the run directory's lock; the message names it and says what to do."""
 
 
 class RunLock:

@@ -23,6 +23,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from ducat.analysis._figure import save_figure
+from ducat.errors import MetricsError
 
 CURVE_KEYS = ("epoch", "lr", "train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc", "ducat_active")
 ACCURACY_KEYS = ("train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_acc")
@@ -30,10 +31,6 @@ ACCURACY_KEYS = ("train_clean_acc", "train_adv_acc", "val_clean_acc", "val_pgd_a
 ACCURACY_PANELS = (("clean accuracy", "val_clean_acc", "train_clean_acc"),
                    ("adversarial accuracy\nvalidation: PGD; train: the training attack", "val_pgd_acc",
                     "train_adv_acc"))
-
-
-class MetricsError(ValueError):
-    """A run's ``metrics.jsonl`` is missing, unreadable, malformed or holds no complete row."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

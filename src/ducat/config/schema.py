@@ -17,9 +17,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A bad configuration value or file; the message is one line."""
+from ducat.errors import ConfigError
 
 
 class _BadValue(ConfigError):

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Callable
 
 from ducat.config import ConfigError, TrainConfig, load_config
+from ducat.errors import RunError
 from ducat.presets import Throughput, Work, training_work
 from ducat.reproduce.scales import VARIANTS, Scale
-from ducat.train import RunError, fork_run, train
+from ducat.train import fork_run, train
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 from ducat.config import ConfigError
-from ducat.errors import USER_ERRORS
+from ducat.errors import USER_ERRORS, RunError
 from ducat.reproduce.engine import PARENT_ENV
 from ducat.reproduce.evaluation import evaluate_run
 from ducat.reproduce.grid import plan, run_config, train_run
 from ducat.reproduce.scales import get_scale
 from ducat.runtime import configure_threads
-from ducat.train import RunError
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ducat.errors import RunError
 from ducat.reproduce.engine import Job, JobFailed, Outcome, run_jobs
 from ducat.reproduce.evaluation import evaluated
 from ducat.reproduce.grid import GridRun, finished
 from ducat.reproduce.launch import SLURM_JOBS, Launcher, local_cluster, local_slots, slurm_cluster
 from ducat.reproduce.scales import Scale
-from ducat.train import RunError
 
 
 @dataclass(frozen=True)

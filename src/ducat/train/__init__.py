@@ -10,11 +10,12 @@ from typing import Callable, Iterator
 
 from ducat.config import TrainConfig
 from ducat.distributed import close_process_group
+from ducat.errors import RunError
 from ducat.fileio import RunLock
 from ducat.train.fork import fork_run, trunk_key
 from ducat.train.loop import Trainer
 from ducat.train.setup import ducat_active, learning_rate, run_device, setup_runtime
-from ducat.train.state import RunError, RunResult
+from ducat.train.state import RunResult
 from ducat.train.validate import validate_model
 
 

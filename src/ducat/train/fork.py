@@ -16,8 +16,8 @@ from pathlib import Path
 
 from ducat.checkpoint import load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict
+from ducat.errors import RunError
 from ducat.fileio import atomic_write_bytes
-from ducat.train.state import RunError
 
 # Fields a fork may change: what only acts from the DUCAT start epoch on, and where and how the run is kept.
 _DUCAT_PHASE = ("alpha", "beta1", "beta2", "start_epoch")

@@ -13,6 +13,7 @@ from ducat.checkpoint import CheckpointError, checkpoint_size_limit, load_weight
 from ducat.config import TrainConfig
 from ducat.data import TensorLoader, dataset_info, random_crop_flip
 from ducat.dummy import DummyClassModel, project_predictions
+from ducat.errors import RunError
 from ducat.runs import describe_device
 from ducat.train.progress import EpochProgress
 from ducat.train.setup import (
@@ -32,7 +33,7 @@ from ducat.train.setup import (
     use_channels_last,
     wrap_distributed,
 )
-from ducat.train.state import RunError, RunResult, RunState
+from ducat.train.state import RunResult, RunState
 from ducat.train.validate import epoch_validation
 
 

@@ -13,6 +13,7 @@ from ducat.checkpoint import checkpoint_size_limit, load_checkpoint
 from ducat.config import RunConfig, TrainConfig
 from ducat.data import TensorData, load_split, split_train_val
 from ducat.distributed import DistContext, context_from_env
+from ducat.errors import RunError
 from ducat.models import deterministic_pooling
 from ducat.objectives import METHODS, AttackSettings, DucatSettings, Objective
 from ducat.runs import build_run_model, load_into_run_model, select_device
@@ -23,7 +24,6 @@ from ducat.runtime import (
     derive_seed,
     native_bf16,
 )
-from ducat.train.state import RunError
 
 
 def setup_runtime(run: RunConfig) -> int:

@@ -25,12 +25,9 @@ import yaml
 from ducat.checkpoint import CheckpointError, check_training_state, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
 from ducat.dummy import check_pairing
+from ducat.errors import RunError
 from ducat.fileio import atomic_write_bytes
 from ducat.provenance import file_sha256, provenance
-
-
-class RunError(RuntimeError):
-    """A run that cannot start or continue (existing run without resume, non-finite loss, ...)."""
 
 
 @dataclass
