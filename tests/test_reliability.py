@@ -558,8 +558,8 @@ OUT_OF_RANGE = {
     "validation.n_examples": ["0", "-1"], "validation.batch_size": ["0", "-256"], "run.threads": ["0", "-2"],
     "run.save_epochs": ["[0]", "[-1]", "[100000]", "[1, 100000]"], "finetune.start_epoch": ["0", "100000"],
     "run.seed": [str(2**64), str(2**63), str(-2**63 - 1)], "ducat.pairing_seed": [str(2**64), str(-2**70)],
-    "method.consistency_temperature": ["0", "-0.5"], "method.trades_beta": ["-1"], "method.mart_beta": ["-6"],
-    "method.consistency_lambda": ["-1"],
+    "method.temperature": ["0", "-0.5"], "method.beta": ["-1", "-6"], "method.lam": ["-1"],
+    "method.trades_beta": ["-1"], "method.consistency_lambda": ["-1"],  # legacy keys (configs saved before 31f8ff2)
 }
 CHOICES = {"data.dataset": None, "model.name": None, "method.name": None, "attack.mode": None, "attack.bn": None,
            "ducat.dummy_init": None, "validation.select": None, "run.amp": None, "run.channels_last": None,

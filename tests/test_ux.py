@@ -22,6 +22,7 @@ from ducat.config import (
     scale_schedule,
     validate,
 )
+from ducat.objectives import METHODS
 
 # a few seconds per run: 100 digits images, 1-step attacks; no optim.* (each test sets its schedule)
 TINY = ["data.n_train=100", "data.batch_size=50", "attack.steps=1", "validation.pgd_steps=1",
@@ -169,7 +170,7 @@ def test_two_runs_without_run_out_get_two_directories(tmp_path, monkeypatch, cap
 
 # --- the L2 threat model in training ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["pgd_at", "trades", "mart", "consistency"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_an_l2_training_attack_stays_in_its_l2_ball(method):
     from ducat.objectives.base import StepOutput
     from ducat.train.setup import build_model, build_objective

@@ -29,6 +29,7 @@ from functools import lru_cache
 
 from ducat.config import TrainConfig, base_presets, load_config, preset_names
 from ducat.data import dataset_info
+from ducat.objectives import METHODS
 
 
 @dataclass(frozen=True)
@@ -111,11 +112,9 @@ def forward_flops(config: TrainConfig) -> int:
 
 
 def step_cost(method: str, steps: int, ducat_active: bool) -> tuple[int, int]:
-    """(forward-equivalents ``F`` per training image, passes per batch) of one training step."""
-    views = 2 if method == "consistency" else 1
-    train = 3 if method in ("pgd_at", "consistency") and not ducat_active else 6
-    extra = 1 if method == "trades" else 0
-    return views * (2 * steps + train) + extra, 2 * steps + 2 + extra
+    """(forward-equivalents ``F`` per training image, passes per batch) of one training step of ``method``, as the
+    method declares it (:meth:`ducat.objectives.Objective.step_cost`)."""
+    return METHODS[method].step_cost(steps, ducat_active)
 
 
 def training_work(config: TrainConfig, first: int = 1, last: int | None = None) -> Work:

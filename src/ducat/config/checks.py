@@ -6,10 +6,21 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ducat.config.schema import ATTACK_MODES, ATTACK_NORMS, ConfigError, DataConfig, OptimConfig, RunConfig, TrainConfig
+from ducat.config.schema import (
+    ATTACK_MODES,
+    ATTACK_NORMS,
+    ConfigError,
+    DataConfig,
+    MethodConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+    coerce,
+)
 
 if TYPE_CHECKING:
     from ducat.data import DatasetInfo
@@ -25,9 +36,8 @@ def validate(config: TrainConfig) -> None:
 
     Everything that would otherwise fail only once training runs is checked here, before any data
     is read: split sizes, crop padding, the learning-rate schedule, the run directory."""
-    from ducat.data import DataError, dataset_info
+    from ducat.data import DataError, dataset_info  # torch: config loads before the CLI sets torch's runtime up
     from ducat.models import MODEL_NAMES
-    from ducat.objectives import METHODS
 
     try:
         info = dataset_info(config.data.dataset)
@@ -35,8 +45,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(str(exc)) from None
     m, a, u, v, f = config.model, config.attack, config.ducat, config.validation, config.finetune
     _check(m.name in MODEL_NAMES, f"unknown model '{m.name}'; choose one of: {', '.join(MODEL_NAMES)}")
-    _check(config.method.name in METHODS,
-           f"unknown method '{config.method.name}'; choose one of: {', '.join(METHODS)}")
+    resolve_method(config.method)
     _validate_data(config.data, info)
     _check(a.eps >= 0, f"attack.eps must be >= 0, got {a.eps}")
     _check(a.step_size >= 0, f"attack.step_size must be >= 0, got {a.step_size}")
@@ -63,14 +72,40 @@ def validate(config: TrainConfig) -> None:
     _validate_run(config.run, epochs)
     _check(u.pairing_seed is None or -2**63 <= u.pairing_seed < 2**63,
            f"ducat.pairing_seed must be in [-2**63, 2**63), got {u.pairing_seed}")
-    mt = config.method
-    _check(mt.consistency_temperature > 0,
-           f"method.consistency_temperature must be > 0, got {mt.consistency_temperature}")
-    for name in ("trades_beta", "mart_beta", "consistency_lambda"):
-        _check(getattr(mt, name) >= 0, f"method.{name} must be >= 0, got {getattr(mt, name)}")
     _check(1 <= f.start_epoch <= epochs, f"finetune.start_epoch must be in [1, {epochs}], got {f.start_epoch}")
     if f.checkpoint is not None:
         _check(Path(f.checkpoint).is_file(), f"finetune.checkpoint '{f.checkpoint}' does not exist")
+
+
+# Keys of the method section in configs saved before each method declared its own hyperparameters (a frozen
+# history: a new method never adds one): legacy key -> (method, field of its Params).
+LEGACY_METHOD_KEYS = {"trades_beta": ("trades", "beta"), "mart_beta": ("mart", "beta"),
+                      "mart_exclude_dummy": ("mart", "exclude_dummy"), "consistency_lambda": ("consistency", "lam"),
+                      "consistency_temperature": ("consistency", "temperature")}
+
+
+def resolve_method(method: MethodConfig) -> None:
+    """Check ``method`` and complete its ``params`` in place: every field of the method's ``Params``, defaults
+    filled in, values of the declared types (a legacy key is read as its field; one of another method is left out
+    if it holds that method's default, as every saved config does, and refused otherwise). ConfigError otherwise."""
+    from ducat.objectives import METHODS  # torch: config loads before the CLI sets torch's runtime up
+
+    _check(method.name in METHODS, f"unknown method '{method.name}'; choose one of: {', '.join(METHODS)}")
+    own = {f.name: f for f in fields(METHODS[method.name].Params)}
+    params = {}
+    for key, value in method.params.items():
+        owner, name = LEGACY_METHOD_KEYS.get(key, (method.name, key))
+        if owner != method.name:
+            default = next(f.default for f in fields(METHODS[owner].Params) if f.name == name)
+            _check(value == default, f"method.{key} is a hyperparameter of method {owner}, not of {method.name}")
+            continue
+        _check(name in own, f"unknown key method.{key} of method {method.name}; its keys: "
+                            f"{', '.join(['name', *own]) if own else 'name only'}")
+        params[name] = coerce(value, own[name].type, f"method.{name}")
+    try:
+        method.params = asdict(METHODS[method.name].Params(**params))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _validate_data(d: DataConfig, info: DatasetInfo) -> None:

@@ -11,19 +11,20 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import fields
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ducat.config.checks import validate
+from ducat.config.families import family_names, family_text, generated_presets
 from ducat.config.schedule import ScheduleWarning, scale_schedule, schedule_warning
 from ducat.config.schema import ConfigError, TrainConfig, _BadValue, apply_override, parse_override
 
 # Top-level keys of a config file that are not sections: ``base:`` (inheritance, resolved by
-# _load_mapping) and ``provenance:`` (versions and command line, written with a run's config.yaml).
-IGNORED_KEYS = ("base", "provenance")
+# _load_mapping), ``provenance:`` (versions and command line, written with a run's config.yaml) and ``presets:``
+# (a family's models, read by ducat.config.families).
+IGNORED_KEYS = ("base", "provenance", "presets")
 
 
 def _merge_mapping(config: TrainConfig, mapping: dict[str, Any], source: str) -> None:
@@ -40,7 +41,7 @@ def _merge_mapping(config: TrainConfig, mapping: dict[str, Any], source: str) ->
             raise ConfigError(f"{source}: section '{section}' must be a mapping of key: value")
         keys = [f.name for f in fields(getattr(config, section))]
         for key_index, (key, value) in enumerate(values.items(), 1):
-            if key not in keys:
+            if key not in keys and section != "method":  # the method's hyperparameters: see resolve_method
                 raise ConfigError(f"{source}: key #{key_index} of section '{section}' is not a config key; "
                                   f"keys of '{section}': {', '.join(keys)}")
             try:
@@ -49,19 +50,17 @@ def _merge_mapping(config: TrainConfig, mapping: dict[str, Any], source: str) ->
                 raise ConfigError(f"{source}: {exc.problem}") from None
 
 
-PRESET_PACKAGE = "ducat.configs"
-
-
 def preset_names() -> list[str]:
-    """Names of the YAML presets shipped with ducat (file names without ``.yaml``)."""
-    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+    """Every preset: the families shipped as YAML and the presets generated from them
+    (:mod:`ducat.config.families`)."""
+    return sorted([*family_names(), *generated_presets()])
 
 
 def base_presets() -> set[str]:
-    """Presets that other presets name in ``base:``: recipes to inherit from rather than runs of their own."""
-    bases = set()
-    for name in preset_names():
-        base = _parse_yaml((resources.files(PRESET_PACKAGE) / f"{name}.yaml").read_text(), f"preset {name}").get("base")
+    """Presets that other presets name in ``base:``: the family recipes, inherited from rather than run."""
+    bases = {mapping["base"] for mapping in generated_presets().values()}
+    for name in family_names():
+        base = _parse_yaml(family_text(name), f"preset {name}").get("base")
         if isinstance(base, str):
             bases.add(base[:-5] if base.endswith(".yaml") else base)
     return bases
@@ -107,10 +106,12 @@ def _resolve_file(name_or_path: str, relative_to: Path | None = None, referrer: 
     for path in candidates:
         if path.is_file():
             return _read_text(path), str(path)
-    stem = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
-    preset = resources.files(PRESET_PACKAGE) / f"{Path(stem).name}.yaml"
-    if preset.is_file():
-        return preset.read_text(), f"preset {stem}"
+    stem = Path(name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path).name
+    text = family_text(stem)
+    if text is None and stem in (generated := generated_presets()):
+        text = yaml.safe_dump(generated[stem], sort_keys=False)
+    if text is not None:
+        return text, f"preset {stem}"
     if referrer is not None:
         raise ConfigError(f"{referrer}: its base: names no config file or preset")
     raise ConfigError(f"no config file or preset named '{name_or_path}' (list presets with: ducat presets)")

@@ -56,14 +56,13 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Base adversarial-training method: pgd_at, trades, mart or consistency."""
+    """The base adversarial-training method: ``name``, a registered method (``ducat.objectives.METHODS``: pgd_at,
+    trades, mart, consistency, ...), and ``params``, its hyperparameters: ``method.<field>=value`` for each field
+    of that method's ``Params`` (in a file, keys of the method section beside ``name``). When the config is built,
+    :func:`ducat.config.checks.resolve_method` fills in the defaults and checks the values."""
 
     name: str = "pgd_at"
-    trades_beta: float = 6.0
-    mart_beta: float = 6.0
-    mart_exclude_dummy: bool = True
-    consistency_lambda: float = 1.0
-    consistency_temperature: float = 0.5
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,7 +170,10 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every section as a mapping; the method's hyperparameters beside its name, as a config file has them."""
+        data = asdict(self)
+        data["method"] = {"name": self.method.name, **self.method.params}
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -181,7 +183,7 @@ ATTACK_MODES = ("raw", "original", "merged")
 ATTACK_NORMS = ("Linf", "L2")
 
 
-def _coerce(value: Any, annotation: Any, key: str) -> Any:
+def coerce(value: Any, annotation: Any, key: str) -> Any:
     """Coerce a YAML value to a field's declared type; ConfigError if impossible."""
     tp = eval(annotation, {"list": list}) if isinstance(annotation, str) else annotation
     origin = typing.get_origin(tp)
@@ -189,14 +191,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], key)
+        return coerce(value, args[0], key)
     if origin is list:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list):
             raise _BadValue(f"{key} must be a list", value)
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, key) for v in value]
+        return [coerce(v, item, key) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -242,10 +244,13 @@ def apply_override(config: TrainConfig, section: str, key: str, value: Any) -> N
     if section not in sections:
         raise ConfigError(f"unknown config section '{section}'; choose one of: {', '.join(sections)}")
     target = getattr(config, section)
+    if section == "method" and key != "name":  # a hyperparameter of the method, checked when the config is built
+        config.method.params[key] = value
+        return
     known = {f.name: f for f in fields(target)}
     if key not in known:
         raise ConfigError(f"unknown config key '{section}.{key}'; keys of '{section}': {', '.join(known)}")
-    setattr(target, key, _coerce(value, known[key].type, f"{section}.{key}"))
+    setattr(target, key, coerce(value, known[key].type, f"{section}.{key}"))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:

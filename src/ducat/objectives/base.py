@@ -9,7 +9,7 @@ either a plain C-output classifier (baselines) or a :class:`~ducat.dummy.DummyCl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,6 @@ from torch import nn
 
 from ducat.attacks import PGD, Norm, eval_mode
 from ducat.attacks.fold import FoldedView, folded
-from ducat.config import MethodConfig
 from ducat.dummy import DummyClassModel, OriginalLogits, ducat_loss
 
 AttackMode = Literal["raw", "original", "merged"]
@@ -67,6 +66,19 @@ class StepOutput:
     logits_adv: torch.Tensor
 
 
+METHODS: dict[str, type["Objective"]] = {}  # name -> objective class, in registration order
+
+
+def register_method(cls: type["Objective"]) -> type["Objective"]:
+    """Class decorator: make an :class:`Objective` subclass a training method under its ``name``. The config's
+    method section, its checks, the presets, the cost model and ``ducat reproduce``'s grid all read
+    :data:`METHODS`, so a method is this one class."""
+    if cls.name in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"a method named '{cls.name}' is registered already")
+    METHODS[cls.name] = cls
+    return cls
+
+
 def attacked_view(model: nn.Module, mode: AttackMode) -> nn.Module:
     """The function of the input that the training attack maximises its loss on."""
     if not isinstance(model, DummyClassModel) or mode == "raw":
@@ -86,23 +98,47 @@ def dummy_mask_probability(probs: torch.Tensor, y: torch.Tensor, model: nn.Modul
     return p
 
 
-class Objective:
-    """Base class: holds the settings, the generator for attack random starts and the module the training
-    forward pass runs through (``forward_module``, e.g. ``DistributedDataParallel(model)``; default the model).
-    ``label`` is the method's name in tables."""
+@dataclass(frozen=True)
+class NoParams:
+    """The hyperparameters of a method that has none of its own (PGD-AT)."""
 
+
+class Objective:
+    """Base class of a training method. A method is one subclass, registered with :func:`register_method`, that
+    declares everything the rest of ducat needs to know about it:
+
+    - ``name``: its config name (``method.name``), ``label``: its name in tables;
+    - ``Params``: a frozen dataclass of its hyperparameters, set in a config as ``method.<field>=value`` (checks of
+      their values in its ``__post_init__``, raising ValueError);
+    - its cost per training step for the cost model (:meth:`step_cost`): ``views`` augmented copies of each image
+      (2 for Consistency-AT), ``forwards_clean`` (whether its plain step forwards the clean batch beside the
+      adversarial one; a DUCAT step always does) and ``extra_forwards`` (forward passes of its attack beyond PGD's,
+      e.g. TRADES' clean target).
+
+    An instance holds the settings, its ``params``, the generator for attack random starts and the module the
+    training forward pass runs through (``forward_module``, e.g. ``DistributedDataParallel(model)``; default the
+    model)."""
+
+    name = "base"
     label = "base"
+    Params: type = NoParams
+    views = 1
+    forwards_clean = True
+    extra_forwards = 0
 
     def __init__(self, attack: AttackSettings, ducat: DucatSettings, generator: torch.Generator | None = None,
-                 forward_module: nn.Module | None = None):
+                 forward_module: nn.Module | None = None, params: Any = None):
         self.attack, self.ducat, self.generator, self.forward_module = attack, ducat, generator, forward_module
+        self.params = self.Params() if params is None else params
         self._folded: tuple[nn.Module, nn.Module] | None = None  # (model, its folded attacked view)
 
     @classmethod
-    def from_config(cls, method: MethodConfig, attack: AttackSettings, ducat: DucatSettings,
-                    generator: torch.Generator | None, forward_module: nn.Module | None = None) -> "Objective":
-        """The objective with the method's own hyper-parameters from ``method``."""
-        return cls(attack, ducat, generator, forward_module)
+    def step_cost(cls, steps: int, ducat_active: bool) -> tuple[int, int]:
+        """(forward-equivalents ``F`` per training image, passes per batch) of one training step with a PGD-``steps``
+        attack: each step of the attack is a forward and an input-gradient backward (2F), the training step 3F
+        per forwarded batch (forward and backward through the weights)."""
+        train = 6 if ducat_active or cls.forwards_clean else 3
+        return cls.views * (2 * steps + train) + cls.extra_forwards, 2 * steps + 2 + cls.extra_forwards
 
     def forward(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The training forward pass (through ``forward_module`` when set; attacks use ``model``)."""

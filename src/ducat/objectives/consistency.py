@@ -8,11 +8,13 @@ augmentations (one forward over ``[x_1; x_2; x'_1; x'_2]``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ducat.objectives.base import Augment, Objective, StepOutput
+from ducat.objectives.base import Augment, Objective, StepOutput, register_method
 
 
 def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -25,17 +27,25 @@ def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor, temperature: 
     return (kl_a + kl_b) / 2
 
 
+@dataclass(frozen=True)
+class ConsistencyParams:
+    """``lam``: weight of the consistency term (lambda, >= 0); ``temperature``: T of the tempered softmax (> 0)."""
+
+    lam: float = 1.0
+    temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.lam >= 0:
+            raise ValueError(f"method.lam must be >= 0, got {self.lam}")
+        if not self.temperature > 0:
+            raise ValueError(f"method.temperature must be > 0, got {self.temperature}")
+
+
+@register_method
 class ConsistencyAT(Objective):
-    label = "Consistency-AT"
-
-    def __init__(self, *args, lam: float = 1.0, temperature: float = 0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.lam, self.temperature = lam, temperature
-
-    @classmethod
-    def from_config(cls, method, attack, ducat, generator, forward_module=None):
-        return cls(attack, ducat, generator, forward_module, lam=method.consistency_lambda,
-                   temperature=method.consistency_temperature)
+    name, label = "consistency", "Consistency-AT"
+    Params = ConsistencyParams
+    views, forwards_clean = 2, False  # two augmentations; the plain step forwards their adversarial views only
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:
@@ -49,6 +59,6 @@ class ConsistencyAT(Objective):
             logits_clean, logits_adv = None, self.forward(model, views_adv)
             loss = F.cross_entropy(logits_adv.float(), yy)
         adv_1, adv_2 = logits_adv.chunk(2)
-        loss = loss + self.lam * jensen_shannon(adv_1, adv_2, self.temperature).mean()
+        loss = loss + self.params.lam * jensen_shannon(adv_1, adv_2, self.params.temperature).mean()
         detached_clean = None if logits_clean is None else logits_clean[: len(y)].detach()
         return StepOutput(loss, detached_clean, adv_1.detach())

@@ -4,33 +4,40 @@
 
 With DUCAT the CE term is replaced by the DUCAT term and the rest is kept. On 2C outputs the
 most likely wrong class is often dummy(y), which the DUCAT term pushes *up*; by default
-(``exclude_dummy=True``) the margin term excludes dummy(y) and the KL weight uses the projected
-probability ``p_y(x) + p_dummy(y)(x)``, so MART does not fight DUCAT. ``exclude_dummy=False`` is
+(``method.exclude_dummy=true``) the margin term excludes dummy(y) and the KL weight uses the projected
+probability ``p_y(x) + p_dummy(y)(x)``, so MART does not fight DUCAT. ``method.exclude_dummy=false`` is
 the literal transplant of MART's terms onto the 2C outputs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ducat.dummy import DummyClassModel
-from ducat.objectives.base import Augment, Objective, StepOutput, dummy_mask_probability
+from ducat.objectives.base import Augment, Objective, StepOutput, dummy_mask_probability, register_method
 from ducat.objectives.trades import kl_clean_adv
 
 
+@dataclass(frozen=True)
+class MartParams:
+    """``beta``: weight of the KL term (>= 0); ``exclude_dummy``: see the module docstring."""
+
+    beta: float = 6.0
+    exclude_dummy: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.beta >= 0:
+            raise ValueError(f"method.beta must be >= 0, got {self.beta}")
+
+
+@register_method
 class MART(Objective):
-    label = "MART"
-
-    def __init__(self, *args, beta: float = 6.0, exclude_dummy: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.beta, self.exclude_dummy = beta, exclude_dummy
-
-    @classmethod
-    def from_config(cls, method, attack, ducat, generator, forward_module=None):
-        return cls(attack, ducat, generator, forward_module, beta=method.mart_beta,
-                   exclude_dummy=method.mart_exclude_dummy)
+    name, label = "mart", "MART"
+    Params = MartParams
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:
@@ -39,7 +46,7 @@ class MART(Objective):
 
         probs_adv = F.softmax(logits_adv.float(), dim=1)
         exclude = y[:, None]
-        pair = ducat_active and self.exclude_dummy and isinstance(model, DummyClassModel)
+        pair = ducat_active and self.params.exclude_dummy and isinstance(model, DummyClassModel)
         if pair:
             exclude = torch.cat([exclude, model.dummy_index[y][:, None]], dim=1)
         wrong = probs_adv.scatter(1, exclude, 0.0).amax(dim=1)
@@ -48,5 +55,5 @@ class MART(Objective):
         probs_clean = F.softmax(logits_clean.float(), dim=1)
         p_true = dummy_mask_probability(probs_clean, y, model) if pair else probs_clean.gather(1, y[:, None]).squeeze(1)
         kl = kl_clean_adv(logits_clean, logits_adv) * (1.0000001 - p_true)
-        loss = loss + margin.mean() + self.beta * kl.mean()
+        loss = loss + margin.mean() + self.params.beta * kl.mean()
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())

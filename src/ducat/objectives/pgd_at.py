@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ducat.objectives.base import Augment, Objective, StepOutput
+from ducat.objectives.base import Augment, Objective, StepOutput, register_method
 
 
+@register_method
 class PGDAT(Objective):
-    label = "PGD-AT"
+    name, label = "pgd_at", "PGD-AT"
+    forwards_clean = False  # plain PGD-AT forwards only the adversarial batch
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, ducat_active: bool,
                  augment: Augment) -> StepOutput:

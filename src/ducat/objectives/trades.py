@@ -6,12 +6,14 @@ the DUCAT term; the KL regulariser is kept, on the raw outputs (released code).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ducat.attacks import TradesAttack, eval_mode
-from ducat.objectives.base import Augment, Objective, StepOutput
+from ducat.objectives.base import Augment, Objective, StepOutput, register_method
 
 
 def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
@@ -21,16 +23,22 @@ def kl_clean_adv(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.
     return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum(dim=1)
 
 
+@dataclass(frozen=True)
+class TradesParams:
+    """``beta``: weight of the KL term (>= 0)."""
+
+    beta: float = 6.0
+
+    def __post_init__(self) -> None:
+        if not self.beta >= 0:
+            raise ValueError(f"method.beta must be >= 0, got {self.beta}")
+
+
+@register_method
 class TRADES(Objective):
-    label = "TRADES"
-
-    def __init__(self, *args, beta: float = 6.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.beta = beta
-
-    @classmethod
-    def from_config(cls, method, attack, ducat, generator, forward_module=None):
-        return cls(attack, ducat, generator, forward_module, beta=method.trades_beta)
+    name, label = "trades", "TRADES"
+    Params = TradesParams
+    extra_forwards = 1  # the attack's clean target p(x)
 
     def plain_classification(self, logits_clean, logits_adv, y):
         return F.cross_entropy(logits_clean.float(), y)
@@ -45,5 +53,5 @@ class TRADES(Objective):
                  augment: Augment) -> StepOutput:
         logits_clean, logits_adv = self.clean_and_adversarial(model, augment(x), y)
         loss = self.classification(model, logits_clean, logits_adv, y, ducat_active)
-        loss = loss + self.beta * kl_clean_adv(logits_clean, logits_adv).mean()
+        loss = loss + self.params.beta * kl_clean_adv(logits_clean, logits_adv).mean()
         return StepOutput(loss, logits_clean.detach(), logits_adv.detach())

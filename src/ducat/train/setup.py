@@ -95,10 +95,12 @@ def build_objective(config: TrainConfig, generator: torch.Generator | None,
                     forward_module: nn.Module | None = None) -> Objective:
     """The method's objective; ``forward_module`` (e.g. the DDP wrapper) runs the training forward pass."""
     a, u = config.attack, config.ducat
-    attack = AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start, a.norm,
+    attack = AttackSettings(eps=a.eps, step_size=a.step_size, steps=a.steps, mode=a.mode, bn_eval=a.bn == "eval",
+                            random_start=a.random_start, norm=a.norm,
                             fold_bn=not config.run.compile)  # the folded graph runs eagerly
-    ducat = DucatSettings(u.alpha, u.beta1, u.beta2)
-    return METHODS[config.method.name].from_config(config.method, attack, ducat, generator, forward_module)
+    ducat = DucatSettings(alpha=u.alpha, beta1=u.beta1, beta2=u.beta2)
+    method = METHODS[config.method.name]
+    return method(attack, ducat, generator, forward_module, params=method.Params(**config.method.params))
 
 
 def build_model(config: TrainConfig, resume: bool, log) -> nn.Module:
