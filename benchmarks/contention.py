@@ -102,8 +102,9 @@ def worker(workload: str, mode: str) -> None:
     torch.manual_seed(0)
     model = build_run_model(cfg)
     a = cfg.attack
-    objective = METHODS["pgd_at"](AttackSettings(a.eps, a.step_size, a.steps, a.mode, a.bn == "eval", a.random_start),
-                                  DucatSettings(), generator=torch.Generator().manual_seed(0))
+    attack = AttackSettings(eps=a.eps, step_size=a.step_size, steps=a.steps, mode=a.mode, bn_eval=a.bn == "eval",
+                            random_start=a.random_start)
+    objective = METHODS["pgd_at"](attack, DucatSettings(), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step() -> None:

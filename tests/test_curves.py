@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 
 from ducat.analysis import curves
-from ducat.analysis.curves import MetricsError
+from ducat.errors import MetricsError
 
 
 def _rows(lr: float, shift: float, ducat_from: int | None) -> list[dict]:

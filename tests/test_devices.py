@@ -19,7 +19,7 @@ from torch import nn
 from ducat.attacks.fold import FoldedView
 from ducat.checkpoint import load_checkpoint, save_checkpoint
 from ducat.cli import main
-from ducat.config import MethodConfig, RunConfig, load_config
+from ducat.config import RunConfig, load_config
 from ducat.distributed import DistContext
 from ducat.dummy import merge_logits, project_predictions, widen_model
 from ducat.models import MatrixAdaptiveAvgPool2d, build_model, deterministic_pooling
@@ -45,8 +45,7 @@ def test_a_meta_device_model_trains_every_method_with_every_tensor_on_meta(metho
     assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}  # dummy_index too
     x, y = torch.rand(4, 1, 8, 8, device="meta"), torch.randint(0, 10, (4,), device="meta")
     for mode in ("raw", "merged"):  # MART indexes dummy_index with the labels' device; merged attacks the projection
-        objective = METHODS[method].from_config(MethodConfig(name=method), AttackSettings(steps=2, mode=mode),
-                                                DucatSettings(), None)
+        objective = METHODS[method](AttackSettings(steps=2, mode=mode), DucatSettings())
         out = objective(model, x, y, ducat_active=True, augment=lambda t: t)
         out.loss.backward()
         assert out.loss.device.type == "meta"

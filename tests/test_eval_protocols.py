@@ -230,14 +230,15 @@ def test_the_report_lists_exactly_the_attacks_of_the_plan(is_dummy):
 def test_equal_effort_gives_a_plain_model_as_many_attack_runs_as_a_dummy_class_model():
     """Random restarts alone tilt a worst-case comparison against the model that faces more attacks: with
     equal_effort the plain model meets the difference as extra margin restarts on its survivors."""
-    from ducat.eval.plan import CHECK_SIZES, AttackId, effort
+    from ducat.eval import effort
+    from ducat.eval.settings import CHECK_SIZES
 
     for settings in (EvalSettings(eps=0.3), EvalSettings(eps=0.3, attacks=("pgd10", "autoattack", "margin"),
                                                          margin_restarts=1)):
         fair = replace(settings, equal_effort=True)
         plain, dummy = build_plan(fair, is_dummy=False), build_plan(fair, is_dummy=True)
         assert effort(plain) == effort(dummy) > effort(build_plan(settings, is_dummy=False))
-        extra = next(s for s in plain if s.id is AttackId.EXTRA_RESTARTS)
+        extra = next(s for s in plain if s.id == "adaptive-extra-restarts")
         assert extra.in_worst_case and extra.runs == effort(dummy) - effort(build_plan(settings, is_dummy=False))
         assert [s.key for s in dummy] == [s.key for s in build_plan(settings, is_dummy=True)]  # DUCAT's plan as is
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, C))

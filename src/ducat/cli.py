@@ -156,10 +156,10 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ducat.eval import FAST_ATTACKS, evaluate_checkpoint
+    from ducat.eval import evaluate_checkpoint, fast_names
     from ducat.eval.api import default_output
 
-    settings = eval_settings(args, FAST_ATTACKS)
+    settings = eval_settings(args, fast_names())
     eps = parse_fraction(args.eps, "--eps") if args.eps is not None else None
     set_threads(args.threads)
     try:
@@ -177,7 +177,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ducat.eval.plan import ATTACK_NAMES, EvalSettings, Protocol
+    from ducat.eval import EvalSettings, Protocol, attack_names
 
     parser.add_argument("target", nargs="?", help="run directory or checkpoint (.pt or .safetensors); none with --load")
     parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
@@ -193,7 +193,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "least N batches, and random starts are drawn per batch, so give the same N to "
                              "reproduce a report exactly")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(ATTACK_NAMES)} (default: all)")
+    parser.add_argument("--attacks", help=f"comma-separated subset of: {', '.join(attack_names())} (default: all)")
     parser.add_argument("--protocols", help="comma-separated subset of: "
                                             f"{', '.join(p.value for p in Protocol)} (default: all)")
     parser.add_argument("--fast", action="store_true", help="skip AutoAttack and PGD-100 (CPU-friendly)")

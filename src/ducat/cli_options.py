@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +13,7 @@ import yaml
 
 from ducat.config import parse_fraction
 from ducat.errors import UsageError
+from ducat.vocabulary import DEVICE_PATTERN, DEVICES_TEXT, SEEDS_TEXT, valid_seed
 
 if TYPE_CHECKING:
     from ducat.reproduce.launch import Launcher
@@ -66,7 +66,7 @@ CHECK_OPTIONS = {  # ducat eval option -> EvalSettings field of a check of the e
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """``ducat eval``'s options of the checks of the evaluation itself: their sizes, 0 for off."""
-    from ducat.eval.plan import EvalSettings
+    from ducat.eval.settings import EvalSettings
 
     for option, (name, text) in CHECK_OPTIONS.items():
         parser.add_argument(option, type=int, metavar="N", default=getattr(EvalSettings, name),
@@ -116,10 +116,10 @@ def eval_settings(args: argparse.Namespace, fast_attacks: tuple[str, ...]) -> di
         raise UsageError(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if not -2**63 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be in [-2**63, 2**63), got {args.seed}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
-        raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
+    if not valid_seed(args.seed):
+        raise UsageError(f"--seed must be in {SEEDS_TEXT}, got {args.seed}")
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        raise UsageError(f"--device must be {DEVICES_TEXT}, got {args.device!r}")
     if args.out:
         check_output_dir(Path(args.out), "--out")
     settings = {"n_examples": args.n_examples, "batch_size": args.batch_size, "workers": args.workers,

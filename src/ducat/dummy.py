@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ducat.vocabulary import View
+
 MergeMode = Literal["max", "logsumexp"]
 
 
@@ -238,3 +240,26 @@ def widen_model(
                 wide.bias[dummy_index] = layer.bias.detach().clone()
     _set_submodule(model, layer_name, wide)
     return DummyClassModel(model, dummy_index)
+
+
+def deployed_prediction(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """The deployed classifier's prediction from ``model``'s logits ``(B, K)``: the projection (paper eq. 6) for a
+    :class:`DummyClassModel`, the argmax otherwise; ``(B,)``. The one place a prediction is made."""
+    if isinstance(model, DummyClassModel):
+        return project_predictions(logits, model.dummy_index)
+    return logits.argmax(dim=1)
+
+
+def model_view(model: nn.Module, view: View) -> nn.Module:
+    """The function of the input an attack on ``model`` takes its gradients from (:class:`ducat.vocabulary.View`):
+    the raw logits, the original C logits, the max-merged (deployed) or the logsumexp-merged classifier. A model
+    without dummy classes has one view, itself (ValueError for the views only a dummy-class model has)."""
+    if not isinstance(model, DummyClassModel):
+        if view not in (View.RAW, View.MAX_MERGED):
+            raise ValueError(f"a model without dummy classes has no {view.value} view")
+        return model
+    views = {View.RAW: lambda: model, View.ORIGINAL: lambda: OriginalLogits(model),
+             View.MAX_MERGED: lambda: model.projected("max"), View.LSE_MERGED: lambda: model.projected("logsumexp")}
+    if view not in views:
+        raise ValueError(f"a dummy-class model has no {view.value} view of its own")
+    return views[view]()

@@ -10,12 +10,7 @@ and tables show percentages.
 
 from ducat.analysis.ablation import ablation_plot
 from ducat.analysis.confusion import confusion_under_attack, plot_confusion
-from ducat.analysis.curves import (
-    MetricsError,
-    plot_training_curves,
-    read_metrics,
-    training_curves,
-)
+from ducat.analysis.curves import plot_training_curves, read_metrics, training_curves
 from ducat.analysis.overlap import always_failed_overlap, plot_always_failed_overlap
 from ducat.analysis.tables import main_table, mean_std, significance_table, targeted_table
 from ducat.analysis.timing import training_time_bars
@@ -24,7 +19,7 @@ from ducat.analysis.tradeoff import sota_points, tradeoff_scatter
 from ducat.analysis.transfer import plot_transfer_matrix, transfer_matrix
 from ducat.analysis.tsne import penultimate_features, tsne_embed, tsne_panels
 
-__all__ = ["MetricsError", "ablation_plot", "always_failed_overlap", "confusion_under_attack", "main_table",
+__all__ = ["ablation_plot", "always_failed_overlap", "confusion_under_attack", "main_table",
            "mean_std", "penultimate_features", "plot_always_failed_overlap", "plot_confusion",
            "plot_training_curves", "plot_transfer_matrix", "read_metrics", "significance_table", "sota_points",
            "targeted_table", "toy_case_plot", "tradeoff_scatter", "training_curves", "training_time_bars",

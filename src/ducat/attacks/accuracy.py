@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ducat.dummy import DummyClassModel, project_predictions
+from ducat.dummy import deployed_prediction
 
 Attack = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -21,8 +21,7 @@ def predictions(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> tup
         for start in range(0, len(x), batch_size):
             logits = model(x[start:start + batch_size])
             raw.append(logits.argmax(1))
-            projected.append(project_predictions(logits, model.dummy_index) if isinstance(model, DummyClassModel)
-                             else raw[-1])
+            projected.append(deployed_prediction(model, logits))
     return torch.cat(projected), torch.cat(raw)
 
 

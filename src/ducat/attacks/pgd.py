@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-Norm = Literal["Linf", "L2"]
-NORMS: tuple[Norm, ...] = ("Linf", "L2")
+from ducat.vocabulary import NORMS, Norm
+
 LossName = Literal["ce", "margin"]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

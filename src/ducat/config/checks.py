@@ -5,7 +5,6 @@ runs; a bad value raises :class:`ConfigError` with a one-line message (the CLI p
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ from ducat.config.schema import (
     TrainConfig,
     coerce,
 )
+from ducat.vocabulary import DEVICE_PATTERN, DEVICES_TEXT, SEEDS_TEXT, valid_seed
 
 if TYPE_CHECKING:
     from ducat.data import DatasetInfo
@@ -70,8 +70,8 @@ def validate(config: TrainConfig) -> None:
     _check(v.n_examples is None or v.n_examples >= 1, f"validation.n_examples must be >= 1, got {v.n_examples}")
     _check(v.batch_size >= 1, f"validation.batch_size must be >= 1, got {v.batch_size}")
     _validate_run(config.run, epochs)
-    _check(u.pairing_seed is None or -2**63 <= u.pairing_seed < 2**63,
-           f"ducat.pairing_seed must be in [-2**63, 2**63), got {u.pairing_seed}")
+    _check(u.pairing_seed is None or valid_seed(u.pairing_seed),
+           f"ducat.pairing_seed must be in {SEEDS_TEXT}, got {u.pairing_seed}")
     _check(1 <= f.start_epoch <= epochs, f"finetune.start_epoch must be in [1, {epochs}], got {f.start_epoch}")
     if f.checkpoint is not None:
         _check(Path(f.checkpoint).is_file(), f"finetune.checkpoint '{f.checkpoint}' does not exist")
@@ -154,12 +154,11 @@ def _validate_run(r: RunConfig, epochs: int) -> None:
     _check(r.sync_bn in ("auto", "on", "off"), f"run.sync_bn must be auto, on or off, got '{r.sync_bn}'")
     _check(r.channels_last in ("auto", "on", "off"),
            f"run.channels_last must be auto, on or off, got '{r.channels_last}'")
-    _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", r.device) is not None,
-           f"run.device must be auto, cpu, cuda or cuda:N, got '{r.device}'")
+    _check(DEVICE_PATTERN.fullmatch(r.device) is not None, f"run.device must be {DEVICES_TEXT}, got '{r.device}'")
     _check(r.threads is None or r.threads >= 1, f"run.threads must be >= 1, got {r.threads}")
     _check(all(1 <= e <= epochs for e in r.save_epochs),
            f"run.save_epochs must be in [1, {epochs}], got {r.save_epochs}")
-    _check(-2**63 <= r.seed < 2**63, f"run.seed must be in [-2**63, 2**63), got {r.seed}")
+    _check(valid_seed(r.seed), f"run.seed must be in {SEEDS_TEXT}, got {r.seed}")
     if r.out is None:
         return
     out = Path(r.out)

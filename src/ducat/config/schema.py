@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from ducat.errors import ConfigError
+from ducat.vocabulary import NORMS, TRAINING_VIEWS
 
 
 class _BadValue(ConfigError):
@@ -179,8 +180,8 @@ class TrainConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-ATTACK_MODES = ("raw", "original", "merged")
-ATTACK_NORMS = ("Linf", "L2")
+ATTACK_MODES = tuple(TRAINING_VIEWS)  # attack.mode: the view the training attack targets
+ATTACK_NORMS = NORMS
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:

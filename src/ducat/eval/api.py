@@ -17,9 +17,10 @@ from ducat.config import ConfigError
 from ducat.data import dataset_info, load_split
 from ducat.dummy import DummyClassModel
 from ducat.eval.checks import CheckRun, run_checks
-from ducat.eval.plan import EvalSettings, build_plan
+from ducat.eval.plan import build_plan
 from ducat.eval.report import EvalReport, build_report, write_report
 from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan, tensor_digest
+from ducat.eval.settings import EvalSettings
 from ducat.eval.workers import can_fork, default_workers
 from ducat.provenance import file_sha256, provenance
 from ducat.runtime import channels_last_faster

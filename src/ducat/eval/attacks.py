@@ -13,7 +13,6 @@ always did. With ``settings.indicators`` every PGD run leaves its trace in the c
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,8 +22,10 @@ from torch import nn
 
 from ducat.attacks import PGD, dummy_aware_weighted_ce
 from ducat.attacks.fold import folded
-from ducat.dummy import DummyClassModel, OriginalLogits, deployed
-from ducat.eval.plan import AUTOATTACK_PARTS, EvalSettings, Factory, View
+from ducat.dummy import DummyClassModel, deployed, model_view
+from ducat.eval.settings import AUTOATTACK_PARTS, EvalSettings
+from ducat.eval.vocabulary import Factory, View
+from ducat.runtime import derive_seed
 
 Craft = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 Run = Callable[[int, torch.Tensor, int], torch.Tensor]  # run(part, idx, seed) -> x_adv of x[idx]
@@ -39,9 +40,8 @@ def model_views(model: nn.Module, surrogate: nn.Module | None = None) -> dict[Vi
     if not isinstance(model, DummyClassModel):
         view = folded(model)
         return {View.RAW: view, View.MAX_MERGED: view} | extra
-    views = {View.RAW: model, View.ORIGINAL: OriginalLogits(model), View.MAX_MERGED: deployed(model),
-             View.LSE_MERGED: model.projected("logsumexp")}
-    return {name: folded(view) for name, view in views.items()} | extra
+    views = (View.RAW, View.ORIGINAL, View.MAX_MERGED, View.LSE_MERGED)
+    return {view: folded(model_view(model, view)) for view in views} | extra
 
 
 @dataclass
@@ -73,8 +73,7 @@ class AttackContext:
 
 def sub_seed(seed: int, part: int | str) -> int:
     """A seed for one part of an attack (a restart, a target rank), independent of the others: 63 bits."""
-    digest = hashlib.sha256(f"{seed}/{part}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derive_seed(seed, part)
 
 
 def first_success(ctx: AttackContext, x: torch.Tensor, y: torch.Tensor, runs: int,

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ducat.eval import attacks as a
+import ducat.eval.attacks as a
+import ducat.eval.catalog as catalog
 from ducat.eval.indicators import ADVICE, SQUARE_POINTS, summarise
-from ducat.eval.plan import AttackId, AttackSpec, EvalSettings, Protocol, Scope, View
 from ducat.eval.report import square_gain
 from ducat.eval.runner import Outcome, ResultCache, run_fingerprint, run_plan
+from ducat.eval.settings import EvalSettings
 from ducat.eval.unit_test import build_problem, unit_plan, verdicts
+from ducat.eval.vocabulary import AttackSpec, Scope
 
 CONVERGENCE_POINTS = 0.5  # the worst case may move this much (accuracy points) under the doubled attacks
 
@@ -84,16 +86,15 @@ def square_points(outcome: Outcome, key: str) -> float | None:
 def square_followup(plan: list[AttackSpec], outcome: Outcome, run: CheckRun) -> list[AttackSpec]:
     """When an AutoAttack row's Square removed more than :data:`SQUARE_POINTS`: Square with ``square_queries``
     on the worst-case survivors, on the deployed classifier. Returns the specs run (none otherwise)."""
-    hinted = [spec.key for spec in plan if spec.id in (AttackId.AUTOATTACK, AttackId.PAPER_AUTOATTACK)
+    hinted = [spec.key for spec in plan if spec.id in (catalog.adaptive_autoattack.id, catalog.paper_autoattack.id)
               and (square_points(outcome, spec.key) or 0) > SQUARE_POINTS]
     if not hinted:
         return []
     queries = run.settings.square_queries
-    spec = AttackSpec(AttackId.SQUARE_FOLLOWUP, Protocol.ADAPTIVE, View.MAX_MERGED,
-                      f"Square, {queries} queries, on the worst-case survivors", a.square(queries),
-                      scope=Scope.SURVIVORS, counted=False,
-                      note=f"follow-up to the Square hint of {', '.join(hinted)}; a check: not counted in the worst "
-                           "case")
+    spec = catalog.adaptive_square_followup.spec(
+        run.settings, label=f"Square, {queries} queries, on the worst-case survivors", factory=a.square(queries),
+        scope=Scope.SURVIVORS, counted=False,
+        note=f"follow-up to the Square hint of {', '.join(hinted)}; a check: not counted in the worst case")
     extra = run.run([spec], run.model, run.x, run.y, survivors=outcome.worst)
     outcome.results.update(extra.results)
     outcome.logs.update(extra.logs)
@@ -137,7 +138,7 @@ def indicator_row(spec: AttackSpec, outcome: Outcome, unbounded: dict[str, int] 
     row = {"id": spec.key, "attack": spec.label}
     if spec.rescores is not None:
         return row | {"verdict": "n/a", "fired": [], "advice": [], "counts": {},
-                      "note": f"rescores {spec.rescores.value}: see that row"}
+                      "note": f"rescores {spec.rescores}: see that row"}
     found = summarise(outcome.results[spec.key], outcome.logs.get(spec.key, []), square_points(outcome, spec.key))
     counts, fired = found["counts"], found["fired"]
     counts["unbounded_failure"] = None if unbounded is None else unbounded["failed"]
@@ -155,7 +156,7 @@ def indicator_row(spec: AttackSpec, outcome: Outcome, unbounded: dict[str, int] 
 def transfer_summary(plan: list[AttackSpec], outcome: Outcome) -> dict[str, Any] | None:
     """The transfer row's reading: its robust accuracy, the worst-case survivors it broke (a gradient-masking
     sign: a surrogate found what the white-box attacks on the model itself missed), and its transfer failures."""
-    spec = next((s for s in plan if s.id is AttackId.TRANSFER), None)
+    spec = next((s for s in plan if s.id == catalog.adaptive_transfer.id), None)
     if spec is None:
         return None
     result = outcome.results[spec.key]
@@ -190,9 +191,9 @@ def convergence(plan: list[AttackSpec], outcome: Outcome, run: CheckRun) -> dict
     before = outcome.worst[:n]
     sub = run.run(specs, run.model, run.x[:n], run.y[:n], survivors=before)
     moved = 100 * (before.mean() - sub.worst.mean())
-    broke = {spec.id.value: int((sub.results[spec.key].attacked & ~sub.results[spec.key].robust).sum())
+    broke = {spec.id: int((sub.results[spec.key].attacked & ~sub.results[spec.key].robust).sum())
              for spec in specs}
-    return {"examples": n, "attacks": [spec.id.value for spec in specs], "broke": broke,
+    return {"examples": n, "attacks": [spec.id for spec in specs], "broke": broke,
             "worst_case_before": float(before.mean()), "worst_case_after": float(sub.worst.mean()),
             "moved_points": float(moved), "status": "PASS" if moved <= CONVERGENCE_POINTS else "WARN"}
 

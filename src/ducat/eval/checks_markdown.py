@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ducat.eval.indicators import ADVICE
+
 INDICATOR_COLUMNS = (("silent_success", "silent success"), ("not_converged", "loss still rising"),
                      ("vanishing_gradient", "zero/vanishing gradient"), ("transfer_failure", "transfer failure"),
                      ("unbounded_failure", "fails without a budget"), ("unit_test", "unit test found"),
@@ -43,8 +45,6 @@ def checks_markdown(checks: dict[str, Any]) -> list[str]:
                   + " | ".join(_cell(r["counts"].get(name)) for name, _ in INDICATOR_COLUMNS) + " |" for r in rows]
     fired = sorted({name for r in rows for name in r["fired"]}, key=list(NAMES).index)
     if fired:
-        from ducat.eval.indicators import ADVICE
-
         lines += ["", "What to do when an indicator fires:"]
         lines += [f"- {NAMES[name]} ({', '.join(r['id'] for r in rows if name in r['fired'])}): {ADVICE[name]}."
                   for name in fired]

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from ducat.dummy import DummyClassModel
-from ducat.eval.plan import View
+from ducat.eval.attacks import AttackContext
+from ducat.vocabulary import View
 
 if TYPE_CHECKING:
     from ducat.attacks import PGDTrace
-    from ducat.eval.attacks import AttackContext
 
 RISE = 0.05  # share of the run's objective range gained in its last tenth of steps: still rising
 VANISHING = 1e-10  # L2 norm of the input gradient at the start, in objective units per [0,1] pixel unit
@@ -90,7 +90,7 @@ def run_flags(trace: "PGDTrace", y: torch.Tensor, decide: Callable | None) -> di
     return flags
 
 
-def batch_flags(ctx: "AttackContext", view: View, x_adv: torch.Tensor, y: torch.Tensor, raw: torch.Tensor,
+def batch_flags(ctx: AttackContext, view: View, x_adv: torch.Tensor, y: torch.Tensor, raw: torch.Tensor,
                 robust: torch.Tensor) -> dict[str, np.ndarray]:
     """The indicator flags ``(B,)`` of one attacked batch: ``x_adv`` returned for labels ``y``, ``raw`` argmax and
     deployed correctness ``robust`` there, and the PGD traces ``ctx.traced`` (with their batch positions)."""
@@ -116,7 +116,7 @@ def batch_flags(ctx: "AttackContext", view: View, x_adv: torch.Tensor, y: torch.
 
 
 @torch.no_grad()
-def _view_decision(ctx: "AttackContext", view: View, x_adv: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+def _view_decision(ctx: AttackContext, view: View, x_adv: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
     """The argmax of the attacked view's logits at the returned points ``(B,)`` (the raw argmax for the raw view)."""
     if view is View.RAW:
         return raw

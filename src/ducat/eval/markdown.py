@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+from ducat.eval.checks_markdown import checks_markdown
+from ducat.eval.vocabulary import Protocol
+
+if TYPE_CHECKING:  # for the annotation only: report.py renders itself with this module
     from ducat.eval.report import EvalReport
 
 PAPER_HEADER = "paper protocol: attack on the raw 2C logits, scored after the projection"
@@ -36,8 +39,6 @@ def report_markdown(report: "EvalReport") -> str:
     lines += ["", "Sanity checks:"] + ([f"- {c['status']}: {c['check']}" for c in report.sanity]
                                        or ["- none applies to the attacks run"])
     if report.checks:
-        from ducat.eval.checks_markdown import checks_markdown
-
         lines += checks_markdown(report.checks)
     lines += _provenance(report.provenance)
     lines += ["", f"Wall time {report.wall_time_s:.1f} s."]
@@ -56,7 +57,7 @@ def _table(report: "EvalReport") -> list[str]:
         paper, adaptive = cells.get("paper"), cells.get("adaptive")
         lines.append(f"| {label} | {pct(paper and paper['robust_accuracy'])} | "
                      f"{pct(adaptive and adaptive['robust_accuracy'])} | {note} |")
-    raw = next((r for r in report.results if r["protocol"] == "raw-autoattack"), None)
+    raw = next((r for r in report.results if r["protocol"] == Protocol.RAW_AUTOATTACK.value), None)
     if raw is not None:
         lines.append(f"| AutoAttack on the raw 2C logits, scored by the raw 2C argmax (raw-autoattack) | "
                      f"{pct(raw['robust_accuracy'])} | | the released code's call: no projection anywhere |")

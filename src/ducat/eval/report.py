@@ -21,8 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from ducat.eval.plan import PAPER_COUNTERPART, AttackId, AttackSpec, EvalSettings, Protocol
+import ducat.eval.catalog as catalog
+from ducat.eval.markdown import report_markdown
+from ducat.eval.registry import ATTACKS
 from ducat.eval.runner import Outcome
+from ducat.eval.settings import EvalSettings
+from ducat.eval.vocabulary import AttackSpec, Protocol
 from ducat.fileio import atomic_write_bytes
 
 
@@ -53,14 +57,11 @@ class EvalReport:
         data.pop("masks")
         return data
 
-    def accuracy(self, key: str | AttackId) -> float | None:
+    def accuracy(self, key: str) -> float | None:
         """Robust accuracy of the result with this id (``None`` if it did not run)."""
-        key = key.value if isinstance(key, AttackId) else key
         return next((r["robust_accuracy"] for r in self.results if r["id"] == key), None)
 
     def to_markdown(self) -> str:
-        from ducat.eval.markdown import report_markdown
-
         return report_markdown(self)
 
 
@@ -74,9 +75,9 @@ def build_report(plan: list[AttackSpec], outcome: Outcome, labels: np.ndarray, s
         masks[spec.key], masks[f"{spec.key}/raw_predictions"] = result.robust, result.raw
         if spec.eps_factor != 1.0:
             continue
-        rows.append(_row(spec, spec.id.value, spec.protocol, float(result.robust.mean())))
+        rows.append(_row(spec, spec.id, spec.protocol, float(result.robust.mean())))
         if not is_dummy:  # the protocols coincide: the same result is the paper protocol's too
-            rows.append(_row(spec, PAPER_COUNTERPART.get(spec.id, spec.id).value, Protocol.PAPER,
+            rows.append(_row(spec, ATTACKS[spec.id].counterpart or spec.id, Protocol.PAPER,
                              rows[-1]["robust_accuracy"]))
     masks["worst_case"] = outcome.worst
     counted = [s for s in plan if s.in_worst_case]
@@ -110,7 +111,7 @@ def _settings_json(settings: EvalSettings) -> dict[str, Any]:
 
 def _sink_rate(outcome: Outcome, labels: np.ndarray, dummy_index: np.ndarray | None) -> float | None:
     """Share of the attacked (clean-correct) examples that the paper's PGD-10 sends into the dummy of their label."""
-    result = outcome.results.get(AttackId.PAPER_PGD10.value)
+    result = outcome.results.get(catalog.paper_pgd10.id)
     if dummy_index is None or result is None or not result.attacked.any():
         return None
     sunk = result.raw == dummy_index[labels]
@@ -126,8 +127,8 @@ def _sweep(plan: list[AttackSpec], outcome: Outcome, settings: EvalSettings, is_
              "paper": float(outcome.clean.mean()) if is_dummy else None}]
     for factor in sorted({*factors, 1.0}):
         row: dict[str, float | None] = {"eps": settings.budget(factor)}
-        for protocol, attack_id in (("adaptive", AttackId.PGD10), ("paper", AttackId.PAPER_PGD10)):
-            key = attack_id.value if factor == 1.0 else f"{attack_id.value}@eps-x{factor:g}"
+        for protocol, entry in (("adaptive", catalog.adaptive_pgd10), ("paper", catalog.paper_pgd10)):
+            key = entry.spec(settings, eps_factor=factor).key
             result = outcome.results.get(key)
             row[protocol] = None if result is None else float(result.robust.mean())
         rows.append(row)
@@ -141,14 +142,14 @@ def sanity_checks(report: EvalReport, aa_logs: dict[str, list[str]],
     ``aa_logs``: AutoAttack's log lines by result key; ``attacked``: how many examples each result attacked."""
     checks = []
     acc = report.accuracy
-    for protocol, (a10, a100) in {"paper": ("paper-pgd10", "paper-pgd100"),
-                                  "adaptive": ("adaptive-pgd10", "adaptive-pgd100")}.items():
+    for protocol, (a10, a100) in {"paper": (catalog.paper_pgd10.id, catalog.paper_pgd100.id),
+                                  "adaptive": (catalog.adaptive_pgd10.id, catalog.adaptive_pgd100.id)}.items():
         if acc(a10) is not None and acc(a100) is not None:
             ok = acc(a100) <= acc(a10) + 0.005
             checks.append(_check(ok, f"{protocol}: PGD-100 ({100 * acc(a100):.2f}) not above PGD-10 "
                                      f"({100 * acc(a10):.2f})"))
-    paper_aa = acc("paper-autoattack")
-    paper_pgd = [acc(k) for k in ("paper-pgd10", "paper-pgd100") if acc(k) is not None]
+    paper_aa = acc(catalog.paper_autoattack.id)
+    paper_pgd = [acc(k) for k in (catalog.paper_pgd10.id, catalog.paper_pgd100.id) if acc(k) is not None]
     if report.dummy_classes and paper_aa is not None and paper_pgd and paper_aa > min(paper_pgd) + 0.005:
         checks.append({"status": "WARN", "check": (
             f"paper protocol: AutoAttack ({100 * paper_aa:.2f}) above PGD ({100 * min(paper_pgd):.2f}), a symptom of "

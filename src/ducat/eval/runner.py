@@ -35,9 +35,11 @@ from torch import nn
 from ducat.attacks import predictions
 from ducat.eval.attacks import AttackContext, model_views
 from ducat.eval.indicators import batch_flags
-from ducat.eval.plan import AttackSpec, EvalSettings, Scope, Scoring, View
+from ducat.eval.settings import EvalSettings
+from ducat.eval.vocabulary import AttackSpec, Scope, Scoring, View
 from ducat.eval.workers import MapFn, worker_pool
 from ducat.fileio import atomic_write_bytes
+from ducat.runtime import derive_seed
 
 
 @dataclass
@@ -103,8 +105,7 @@ def model_fingerprint(model: nn.Module) -> str:
 def seed_for(settings: EvalSettings, spec: AttackSpec, first_index: int) -> int:
     """The seed of one batch of one attack: derived from the evaluation seed, the spec's key and the
     batch's first example, so attacks are independent of each other and of the plan's order (63 bits)."""
-    digest = hashlib.sha256(f"{settings.seed}/{spec.key}/{first_index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derive_seed(settings.seed, spec.key, first_index)
 
 
 class ResultCache:
@@ -192,7 +193,7 @@ def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch
             for number in wave:
                 spec = plan[number]
                 if spec.rescores is not None:
-                    source = results[spec.rescores.value]
+                    source = results[spec.rescores]
                     results[spec.key] = AttackResult((source.raw == labels) & source.attacked, source.raw,
                                                      source.projected, source.attacked)
                 if spec.in_worst_case or (spec.variant and spec.scoring is Scoring.PROJECTED):  # or a check's rerun

@@ -26,13 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import ducat.eval.catalog as catalog
 from ducat.dummy import DummyClassModel, find_last_linear, merge_logits
-from ducat.eval.plan import AttackId, AttackSpec, EvalSettings, Scope
 from ducat.eval.runner import Outcome
+from ducat.eval.settings import EvalSettings
+from ducat.eval.vocabulary import AttackSpec, Scope
 
 INNER = 8  # random points of the eps-ball per example that the refitted head keeps at the true class
 FIT_STEPS = 300  # Adam steps of the refit (lr 0.01), on (INNER + 2) x n feature vectors
-RANDOM_TARGETS = (AttackId.PAPER_TARGETED_ORIGINAL, AttackId.PAPER_TARGETED_DUMMY, AttackId.TARGETED_ORIGINAL)
+RANDOM_TARGETS = tuple(e.id for e in (catalog.paper_targeted_original, catalog.paper_targeted_dummy,
+                                      catalog.adaptive_targeted_original))  # no known target to find
 
 
 @dataclass
@@ -128,5 +131,5 @@ def verdicts(plan: list[AttackSpec], outcome: Outcome) -> dict[str, dict[str, An
     for spec in plan:
         result = outcome.results[spec.key]
         tests, found = int(result.attacked.sum()), int((result.attacked & ~result.robust).sum())
-        out[spec.id.value] = {"tests": tests, "found": found, "status": "PASS" if found == tests else "FAIL"}
+        out[spec.id] = {"tests": tests, "found": found, "status": "PASS" if found == tests else "FAIL"}
     return out

@@ -17,13 +17,14 @@ from torch import nn
 
 from ducat.attacks import PGD, Norm, eval_mode
 from ducat.attacks.fold import FoldedView, folded
-from ducat.dummy import DummyClassModel, OriginalLogits, ducat_loss
+from ducat.dummy import DummyClassModel, ducat_loss, model_view
+from ducat.vocabulary import TRAINING_VIEWS
 
 AttackMode = Literal["raw", "original", "merged"]
 Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AttackSettings:
     """The training attack. ``eps`` and ``step_size`` in [0,1] pixel units (8/255 = 0.0314); ``norm``
     (``Linf`` or ``L2``) is the ball ``eps`` is the radius of.
@@ -47,7 +48,7 @@ class AttackSettings:
     fold_bn: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DucatSettings:
     """DUCAT weights (paper eq. 9): alpha weighs clean vs adversarial, beta1 the clean target's
     mass on y, beta2 the adversarial target's mass on dummy(y)."""
@@ -80,14 +81,11 @@ def register_method(cls: type["Objective"]) -> type["Objective"]:
 
 
 def attacked_view(model: nn.Module, mode: AttackMode) -> nn.Module:
-    """The function of the input that the training attack maximises its loss on."""
-    if not isinstance(model, DummyClassModel) or mode == "raw":
-        return model
-    if mode == "original":
-        return OriginalLogits(model)
-    if mode == "merged":
-        return model.projected("max")
-    raise ValueError(f"unknown attack mode '{mode}'; choose raw, original or merged")
+    """The function of the input that the training attack maximises its loss on: ``attack.mode``'s view
+    (:data:`ducat.vocabulary.TRAINING_VIEWS`) of a DUCAT model, the model itself otherwise."""
+    if mode not in TRAINING_VIEWS:
+        raise ValueError(f"unknown attack mode '{mode}'; choose one of: {', '.join(TRAINING_VIEWS)}")
+    return model_view(model, TRAINING_VIEWS[mode]) if isinstance(model, DummyClassModel) else model
 
 
 def dummy_mask_probability(probs: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:

@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+import ducat.eval.catalog as catalog
 from ducat import analysis
+from ducat.eval import table_columns
 from ducat.objectives import METHODS
 from ducat.reproduce.evaluation import evaluate_run
 from ducat.reproduce.grid import GridRun
@@ -22,17 +24,6 @@ from ducat.reproduce.models import transfer_between, tsne_features
 from ducat.reproduce.scales import VARIANTS, Scale
 from ducat.reproduce.stats import McNemar, SeedExampleTest, holm, mcnemar, seed_example_test, verdict
 
-# Table 1's columns: result id in report.json ("clean" = clean accuracy, "worst" = per-example worst case), header.
-COLUMNS = (
-    ("clean", "clean"),
-    ("paper-pgd10", "PGD-10, paper protocol (raw 2C logits attacked, projected scoring)"),
-    ("paper-pgd100", "PGD-100, paper protocol"),
-    ("paper-autoattack", "AutoAttack, paper protocol (raw 2C logits attacked, projected scoring)"),
-    ("raw-autoattack", "AutoAttack, raw-autoattack (raw 2C logits attacked, raw 2C argmax scored)"),
-    ("adaptive-autoattack", "AutoAttack, adaptive (projected classifier attacked and scored)"),
-    ("adaptive-dawa", "DAWA-style weighted CE, adaptive (raw 2C logits, projected scoring)"),
-    ("worst", "worst case per example, every attack of both protocols (projected scoring)"),
-)
 MEASURES = {"clean": "clean", "worst": "worst_case"}  # measure of the paired tests -> its key in masks.npz
 
 
@@ -74,7 +65,7 @@ class Results:
     def to_json(self) -> dict[str, Any]:
         rows = [{"key": r.key, "label": r.label, "runs": r.runs, "base": r.base, "values": r.values,
                  "stats": r.stats()} for r in self.rows]
-        return {"table1": rows, "columns": [c for c, _ in COLUMNS]}
+        return {"table1": rows, "columns": [c for c, _ in table_columns()]}
 
 
 def evaluate_runs(runs: list[GridRun], scale: Scale, out: Path, data_root: str | None,
@@ -102,8 +93,8 @@ def accuracy(report: dict[str, Any], column: str) -> float | None:
         return report["clean_accuracy"]
     if column == "worst":
         return report["worst_case"]["robust_accuracy"]
-    if column == "raw-autoattack" and not report["dummy_classes"]:
-        column = "paper-autoattack"
+    if column == catalog.raw_autoattack.id and not report["dummy_classes"]:
+        column = catalog.paper_autoattack.id
     return next((r["robust_accuracy"] for r in report["results"] if r["id"] == column), None)
 
 
@@ -127,7 +118,7 @@ def fill_table(rows: list[TableRow], out: Path) -> None:
     by_key = {r.key: r for r in rows}
     for row in rows:
         reports = [report_of(out, name) for name in row.runs]
-        row.values = {c: [accuracy(r, c) for r in reports] for c, _ in COLUMNS}
+        row.values = {c: [accuracy(r, c) for r in reports] for c, _ in table_columns()}
         if row.base is not None:
             _compare(row, by_key[row.base], out)
     family = [(row, measure) for row in rows for measure in row.tests]
@@ -171,18 +162,18 @@ def _overlap(out: Path, scale: Scale) -> dict[str, Any]:
     """Fig. 2: examples every base defense defends or fails alike under the adaptive PGD-10 (seed 0)."""
     labels = masks_of(out, f"{scale.methods[0]}-s0")["labels"]
     return analysis.always_failed_overlap(
-        {METHODS[m].label: masks_of(out, f"{m}-s0")["adaptive-pgd10"] for m in scale.methods}, labels,
+        {METHODS[m].label: masks_of(out, f"{m}-s0")[catalog.adaptive_pgd10.id] for m in scale.methods}, labels,
         int(labels.max()) + 1)
 
 
 def _toy_curves(out: Path, scale: Scale) -> dict[str, dict[str, float | None]]:
-    strongest, title = (("paper-autoattack", "AutoAttack (paper)") if "autoattack" in scale.eval_attacks
-                        else ("paper-pgd100", "PGD-100 (paper)"))
+    strongest, title = ((catalog.paper_autoattack.id, "AutoAttack (paper)") if "autoattack" in scale.eval_attacks
+                        else (catalog.paper_pgd100.id, "PGD-100 (paper)"))
     curves = {}
     for label, name in (("toy (hard labels)", "pgd_at-toy-s0"), ("DUCAT (soft labels)", "pgd_at-ducat-s0"),
                         ("PGD-AT", "pgd_at-s0")):
         report = report_of(out, name)
-        values = {"clean": accuracy(report, "clean"), "PGD-10 (paper)": accuracy(report, "paper-pgd10"),
+        values = {"clean": accuracy(report, "clean"), "PGD-10 (paper)": accuracy(report, catalog.paper_pgd10.id),
                   title: accuracy(report, strongest), "adaptive worst": accuracy(report, "worst")}
         curves[label] = {k: v for k, v in values.items() if v is not None}
     return curves
@@ -196,7 +187,8 @@ def _mean(values: list[float | None]) -> float | None:
 def _tradeoff_points(rows: list[TableRow]) -> list[dict[str, Any]]:
     points = []
     for row in rows:
-        strongest = "paper-autoattack" if _mean(row.values["paper-autoattack"]) is not None else "paper-pgd100"
+        paper_aa = catalog.paper_autoattack.id
+        strongest = paper_aa if _mean(row.values[paper_aa]) is not None else catalog.paper_pgd100.id
         clean = _mean(row.values["clean"])
         points.append({"name": row.label, "clean": clean, "robust": _mean(row.values[strongest]),
                        "group": "paper protocol, " + ("AutoAttack" if "auto" in strongest else "PGD-100")})
@@ -226,7 +218,7 @@ def _ablations(runs: list[GridRun], out: Path, scale: Scale) -> dict[str, dict[s
             (r.ablation[1], r.name) for r in runs if r.group == "ablation" and r.ablation[0] == param])
         reports = [report_of(out, name) for _, name in entries]
         result[param] = {"values": [v for v, _ in entries], "clean": [accuracy(r, "clean") for r in reports],
-                         "paper": [accuracy(r, "paper-pgd10") for r in reports],
+                         "paper": [accuracy(r, catalog.paper_pgd10.id) for r in reports],
                          "adaptive": [accuracy(r, "worst") for r in reports]}
     return result
 
@@ -235,16 +227,16 @@ def _confusion(out: Path) -> dict[str, Any]:
     masks = masks_of(out, "pgd_at-ducat-s0")
     report = report_of(out, "pgd_at-ducat-s0")
     dummy_index = np.asarray(report["dummy_index"])
-    matrix = analysis.confusion_under_attack(masks["labels"], masks["paper-pgd10/raw_predictions"], len(dummy_index),
-                                             dummy_index)
+    raw = masks[f"{catalog.paper_pgd10.id}/raw_predictions"]
+    matrix = analysis.confusion_under_attack(masks["labels"], raw, len(dummy_index), dummy_index)
     return {"matrix": matrix, "sink_rate": report["sink_rate"]}
 
 
 def targeted_columns(out: Path, scale: Scale) -> dict[str, dict[str, float | None]]:
     """Table 4: accuracy under the targeted attacks, PGD-AT and PGD-AT + DUCAT (seed 0)."""
-    columns = (("paper-targeted-original", "random other class, paper protocol"),
-               ("adaptive-targeted-original", "random other class, projected"),
-               ("paper-targeted-dummy", "dummy of a random other class, paper protocol"),
-               ("adaptive-targeted-top", f"PGD-100 margin to the top-{scale.n_targets} classes, projected"))
+    columns = ((catalog.paper_targeted_original.id, "random other class, paper protocol"),
+               (catalog.adaptive_targeted_original.id, "random other class, projected"),
+               (catalog.paper_targeted_dummy.id, "dummy of a random other class, paper protocol"),
+               (catalog.adaptive_targeted_top.id, f"PGD-100 margin to the top-{scale.n_targets} classes, projected"))
     return {label: {title: accuracy(report_of(out, name), key) for key, title in columns}
             for label, name in (("PGD-AT", "pgd_at-s0"), ("PGD-AT + DUCAT", "pgd_at-ducat-s0"))}

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ducat.config import ConfigError
-from ducat.eval.plan import ATTACK_NAMES, AUTOATTACK_PARTS, CHECK_SIZES
+from ducat.eval import attack_names
+from ducat.eval.settings import AUTOATTACK_PARTS, CHECK_SIZES
 from ducat.objectives import METHODS
 
 # The checks of the evaluation itself (docs/evaluation.md) cost more than a grid can afford at every scale but
@@ -104,7 +105,7 @@ SCALES = {
         "mini", "cpu-fmnist-small_cnn",
         ("model.name=mlp", "data.n_train=20000", "validation.n_examples=1000"),
         epochs=10, milestones=(7, 9), start_epoch=8, seeds=5, eval_examples=500,
-        eval_attacks=tuple(a for a in ATTACK_NAMES if a != "logsumexp-autoattack"),
+        eval_attacks=tuple(a for a in attack_names() if a != "logsumexp-autoattack"),
         ablations={"start_epoch": (6, 9), "beta1": (0.5, 1.0), "beta2": (0.5, 0.75), "alpha": (0.3, 0.7)},
         n_targets=3, margin_restarts=1, tsne_examples=400, transfer_examples=500,
         cuts="the model is ducat's MLP (input pooled to 8x8, two hidden layers of 256) instead of the small CNN "
@@ -126,7 +127,7 @@ SCALES = {
     "full-cpu": Scale(
         "full-cpu", "cpu-fmnist-small_cnn", ("model.name=mlp", "validation.n_examples=2000"),
         epochs=30, milestones=(23, 24), start_epoch=24, seeds=3, eval_examples=1000,
-        eval_attacks=ATTACK_NAMES,
+        eval_attacks=attack_names(),
         ablations={"start_epoch": (20, 26), "beta1": (0.5, 1.0), "beta2": (0.5, 0.75), "alpha": (0.3, 0.7)},
         n_targets=9, margin_restarts=2, tsne_examples=1000, transfer_examples=1000,
         cuts="the model is ducat's MLP (input pooled to 8x8, two hidden layers of 256), as at scale mini, so that "
@@ -135,7 +136,7 @@ SCALES = {
     "paper": Scale(
         "paper", "paper-cifar10-resnet18", (),
         epochs=130, milestones=(100, 105), start_epoch=105, seeds=3, eval_examples=10000,
-        eval_attacks=ATTACK_NAMES, ablation_attacks=("pgd10", "autoattack", "margin"),
+        eval_attacks=attack_names(), ablation_attacks=("pgd10", "autoattack", "margin"),
         ablations={"start_epoch": (95, 100, 110, 115), "beta1": (0.5, 0.6, 0.9, 1.0),
                    "beta2": (0.5, 0.75, 0.9), "alpha": (0.3, 0.4, 0.6, 0.7)},
         tsne_examples=1000, transfer_examples=10000),

@@ -7,9 +7,11 @@ from typing import Any
 
 import numpy as np
 
+import ducat.eval.catalog as catalog
 from ducat import analysis
 from ducat.analysis.tables import effect_text, p_text
-from ducat.reproduce.results import COLUMNS, Results, TableRow
+from ducat.eval import table_columns
+from ducat.reproduce.results import Results, TableRow
 from ducat.reproduce.scales import VARIANTS, Scale
 from ducat.reproduce.stats import ALPHA, MIN_SEEDS, TOO_FEW_SEEDS
 
@@ -49,9 +51,10 @@ def _header(scale: Scale) -> str:
 
 
 def _table1(results: Results, scale: Scale) -> str:
-    rows = [(r.label, [r.values[c] for c, _ in COLUMNS]) for r in results.rows]
+    columns = table_columns()
+    rows = [(r.label, [r.values[c] for c, _ in columns]) for r in results.rows]
     lines = ["## Main results (layout of the paper's table 1; accuracy %, mean ± std over seeds)", "",
-             analysis.main_table([h for _, h in COLUMNS], rows), "",
+             analysis.main_table([h for _, h in columns], rows), "",
              "'-': not run at this scale, or not applicable (a model without dummy classes has no dummy-aware attack; "
              "its raw-autoattack column is its AutoAttack)."]
     variants = [VARIANTS[v] for v in scale.variants]
@@ -103,8 +106,8 @@ def _said(stats: dict[str, Any]) -> str:
 
 
 def _gap(row: TableRow) -> str:
-    paper = _mean(row.values["paper-autoattack"]) or _mean(row.values["paper-pgd100"]) \
-        or _mean(row.values["paper-pgd10"])
+    paper = _mean(row.values[catalog.paper_autoattack.id]) or _mean(row.values[catalog.paper_pgd100.id]) \
+        or _mean(row.values[catalog.paper_pgd10.id])
     worst = _mean(row.values["worst"])
     return "-" if paper is None or worst is None else f"{100 * (paper - worst):.2f} points"
 

@@ -7,12 +7,11 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from ducat.checkpoint import CheckpointError, checkpoint_size_limit, load_weights
 from ducat.config import TrainConfig
 from ducat.data import TensorLoader, dataset_info, random_crop_flip
-from ducat.dummy import DummyClassModel, project_predictions
+from ducat.dummy import deployed_prediction
 from ducat.errors import RunError
 from ducat.runs import describe_device
 from ducat.train.progress import EpochProgress
@@ -35,14 +34,6 @@ from ducat.train.setup import (
 )
 from ducat.train.state import RunResult, RunState
 from ducat.train.validate import epoch_validation
-
-
-def predict(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
-    """Deployed prediction from logits: projected for a DUCAT model, argmax otherwise; ``(B,)``."""
-    if isinstance(model, DummyClassModel):
-        return project_predictions(logits, model.dummy_index)
-    return logits.argmax(dim=1)
-
 
 DEVICE_BOUND = ("fused", "foreach", "capturable")  # which kernels step; a checkpoint may come from another device
 
@@ -148,9 +139,9 @@ class Trainer:
             self.optimizer.step()
             with torch.no_grad():
                 totals[0] += out.loss.detach().float() * len(y)
-                totals[1] += (predict(self.model, out.logits_adv) == y).sum()
+                totals[1] += (deployed_prediction(self.model, out.logits_adv) == y).sum()
                 if out.logits_clean is not None:
-                    totals[2] += (predict(self.model, out.logits_clean) == y).sum()
+                    totals[2] += (deployed_prediction(self.model, out.logits_clean) == y).sum()
                     totals[3] += len(y)
             seen += len(y)
             if progress is not None:
