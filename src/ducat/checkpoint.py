@@ -12,10 +12,9 @@ Size limit. Before a tensor is read, :func:`load_checkpoint` bounds what the fil
 the file size, and for torch's zip format the total uncompressed size its entries declare (a 1 MB file
 can declare a 1 GiB deflate-compressed storage, which torch would inflate). The limit is the caller's
 ``max_bytes`` -- typically :func:`checkpoint_size_limit` of the model the weights go into -- or else a
-default cap of ``DEFAULT_MAX_CHECKPOINT_MB`` = 1024 MiB, overridable with ``DUCAT_MAX_CHECKPOINT_MB``.
-1024 MiB is about twice the architecture bound of the largest shipped model (``wrn34_10`` with a
-400-output DUCAT head: 177 MiB of parameters and buffers, x 3 + 16 MiB = 547 MiB) and small enough
-for any machine that trains one. Entries are not refused for their compression ratio: ``torch.save``
+default cap of ``DEFAULT_MAX_CHECKPOINT_MB`` = 1024 MiB, overridable with ``DUCAT_MAX_CHECKPOINT_MB``: about
+twice the bound of the largest shipped model (``docs/reliability.md``, "Checkpoint size limit"), and small
+enough for any machine that trains one. Entries are not refused for their compression ratio: ``torch.save``
 never compresses, a re-compressed genuine checkpoint with zero-filled tensors (fresh momentum buffers,
 zero-initialised dummy rows) would fail any ratio rule, and the size limit already bounds the memory
 whatever the ratio. torch's reader allocates each entry from its declared size and fails on an entry

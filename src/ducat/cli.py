@@ -28,12 +28,6 @@ EPOCHS_HELP = ("shorten or lengthen the preset keeping its proportions: the lr m
                "and run.save_epochs scale with N (ducat.config.scale_schedule)")
 
 
-def quickstart_time() -> str:
-    from ducat.quickstart import MEASURED_SECONDS
-
-    return "" if MEASURED_SECONDS is None else f", about {MEASURED_SECONDS} s on 2 idle cores"
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + exits 2; keep it to one line
         raise UsageError(message)
@@ -252,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, metavar="N", help=EPOCHS_HELP)
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("quickstart", help=f"PGD-AT vs PGD-AT+DUCAT on digits, offline, on the CPU{quickstart_time()}")
+    p = sub.add_parser("quickstart", help="PGD-AT vs PGD-AT+DUCAT on digits, offline, on the CPU (about a minute; "
+                                          "README)")
     p.add_argument("--out", default="runs/quickstart", help="directory for the two runs (default runs/quickstart)")
     p.add_argument("--epochs", type=int, metavar="N", help="epochs per run (default 30); " + EPOCHS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no epoch lines or progress bars")

@@ -1,6 +1,6 @@
 """The dummy-class paradigm: 2C head, pairing, two-hot soft labels, projection, merged logits.
 
-Notation (``../shared/docs/method.md``): a DUCAT model outputs ``z(x)`` in R^{2C}; ``z[:, :C]`` are the
+Notation (``docs/method.md``): a DUCAT model outputs ``z(x)`` in R^{2C}; ``z[:, :C]`` are the
 original logits and ``z[:, C:]`` the dummy logits. Class ``k`` is paired with the dummy class
 ``dummy(k) = C + pi(k)`` for a permutation ``pi`` (identity by default). At inference a dummy
 prediction is mapped back to its class (paper eq. 6), which is the same decision as the argmax of

@@ -48,18 +48,13 @@ class Throughput:
         return f"{self.label}: {rate} and {1e3 * self.s_per_pass:.2g} ms per pass, {self.source}"
 
 
-# Calibrated on this project's machine (2-core AMD EPYC, torch 2.14.1, fp32, torch's default 2 threads, idle),
-# the two unknowns solved from two measured training epochs (validation excluded) at opposite ends of the model
-# size: cpu-digits-small_cnn-pgd_at, 1,221 images of 8x8 (F = 1.29 MFLOP), 1.055 s (median of 30 epochs, the
-# lead's idle quickstart run); cpu-fmnist-small_cnn-pgd_at, 3,600 images of 28x28 (F = 9.79 MFLOP), 8.0 s
-# (docs/results.md, idle re-measurement). Checked against epochs it was not fitted to: Fashion-MNIST PGD-AT+DUCAT
-# 8.9 s estimated / 8.4 s measured, Consistency-AT 14.9 / 14.4, MART 8.9 / 8.0, TRADES 9.3 / 7.4; the whole
-# 30-epoch digits PGD-AT run, validation and checkpoints included, 34.3 / 35.0 s.
+# The two unknowns solved from two measured training epochs of this project's machine, at opposite ends of the
+# model size; the epochs, and the check against epochs they were not fitted to: docs/performance.md, "Cost model".
 CPU_2_CORES = Throughput("CPU, 2 cores", 117e9, 1.7e-3,
                          "calibrated on measured small-CNN epochs on this project's idle 2-core AMD EPYC (fp32, "
                          "2 threads); for larger models an extrapolation")
-# Assumed, not measured: an A100-class GPU in bf16 autocast sustaining a third of the A100's 312 TFLOP/s dense
-# bf16 peak (docs/performance.md projects 30-50%), and 0.5 ms per pass (about 50-100 kernel launches).
+# Assumed, not measured: an A100-class GPU in bf16 autocast sustaining a third of its dense bf16 peak, and 0.5 ms
+# per pass (docs/performance.md, "GPU projection"; benchmarks/gpu_check.py prints a measurement beside it).
 ONE_GPU = Throughput("1 GPU", 100e12, 5e-4, "assumed for one A100-class GPU in bf16 (not measured)")
 
 

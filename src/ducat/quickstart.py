@@ -19,11 +19,6 @@ from ducat.dummy import deployed
 from ducat.runs import model_from_checkpoint
 from ducat.train import train
 
-# Wall time of `ducat quickstart` on this project's 2-core machine, idle (nothing else running), measured at
-# commit 2256299 with `python benchmarks/command_time.py quickstart --contended`: 58.4 and 69.3 s, median 64 s
-# (docs/performance.md). The README says the same.
-MEASURED_SECONDS: int | None = 64
-
 
 def pgd_accuracies(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
                    seed: int = 0) -> dict[str, float]:

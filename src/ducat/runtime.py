@@ -3,13 +3,11 @@
 Why this exists: with libgomp's default wait policy a thread that reaches a barrier spins (about
 300,000 iterations) before it sleeps. When another CPU-bound process shares the cores, the spinning
 thread holds a core that the thread it waits for needs, and every small operator waits for a scheduler
-time slice: under one competing torch process ducat's training step ran 5.3-6.9x slower than idle.
-Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) cured that but made idle steps slower, since waking a
-thread costs more than a small operator takes (digits step 145 ms against 90 ms spinning). A short spin
-(``GOMP_SPINCOUNT=1000``, tens of microseconds) then sleep kept most of both: idle 101 ms on digits and
-479 ms on Fashion-MNIST (passive 145 and 541), contended 2.1-2.2x idle (``benchmarks/contention.py`` on
-an idle machine, results in ``docs/performance.md``). OpenMP reads its environment once, when torch is
-first imported, so :func:`prepare_environment` must run before that. GOMP_SPINCOUNT is libgomp's (the
+time slice. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) cures that but slows an idle step, since waking
+a thread costs more than a small operator takes. A short spin (``GOMP_SPINCOUNT=1000``, tens of
+microseconds) then sleep keeps most of both (the measurements: ``docs/performance.md``, "Contention: cause
+and fix"; ``benchmarks/contention.py``). OpenMP reads its environment once, when torch is first imported,
+so :func:`prepare_environment` must run before that. GOMP_SPINCOUNT is libgomp's (the
 OpenMP runtime of torch's Linux x86 wheels); other runtimes ignore it. Fewer threads than cores did not
 help under contention (a process's share of a busy CPU grows with its runnable threads), so the thread
 count is chosen once, from the CPUs this process may use, and not adapted to other processes' load.
@@ -176,9 +174,9 @@ def cpu_capabilities() -> Mapping[str, Any]:
 
 def channels_last_faster(model: Any, device: Any) -> bool:
     """Whether to train ``model`` channels_last on ``device``: models with 2-d convolutions, on CPU
-    (oneDNN) and CUDA. Measured per PGD step on CPU (``docs/performance.md``): 1.6x (fp32) and 2.0x
-    (bf16) for small_cnn, whose max-pool runs several times faster in NHWC; 0.99-1.04x for ResNet-18;
-    a model without convolutions gains nothing from the layout."""
+    (oneDNN) and CUDA: faster for small_cnn, whose max-pool runs several times faster in NHWC, and no slower
+    for the ResNets (``docs/performance.md``, "The means of the defaults"); a model without convolutions gains
+    nothing from the layout."""
     import torch
     from torch import nn
 

@@ -6,8 +6,8 @@ map smaller than the pooled one, where the pooling only replicates cells (small_
 In eval mode a BatchNorm that directly follows a convolution is an affine map per channel, so it can be
 folded into that convolution's weight and bias (``torch.nn.utils.fusion.fuse_conv_bn_weights``). PGD
 runs 10 forward and backward passes per training step through the model in eval mode; without the
-BatchNorms they are 1.1-1.15x faster on CPU (``docs/performance.md``). Training changes the weights and
-the running statistics every step, so the model is traced and the graph rewritten only once
+BatchNorms they are faster on a CPU (``docs/performance.md``, "The means of the defaults"). Training changes the
+weights and the running statistics every step, so the model is traced and the graph rewritten only once
 (``torch.fx``); :meth:`FoldedView.refresh` recomputes the folded weights from the live tensors, a few
 small elementwise operations per convolution. The attack only takes gradients with respect to the
 input, so the folded weights are detached: the model's parameters, buffers and train/eval mode are
@@ -104,7 +104,7 @@ class PooledLinear(nn.Module):
 class _OneChannelConv(torch.autograd.Function):
     """A stride-1 convolution of a one-channel input whose input gradient is computed as a plain convolution of the
     output gradient with the flipped, transposed weight (C_out -> 1 channels). oneDNN's own input gradient for one
-    input channel runs 4-10x slower than that (``docs/performance.md``); it is the attack's first layer on
+    input channel runs several times slower than that (``docs/performance.md``); it is the attack's first layer on
     grayscale images. Only the input gets a gradient: the weight and bias are the view's detached copies."""
 
     @staticmethod

@@ -1,8 +1,8 @@
 """Worker processes for the evaluation: each attacks whole batches with its own torch threads.
 
 Why: on a CPU an evaluation runs many small operators (a few hundred microseconds each on a CPU-scale
-model), and a second intra-op thread speeds one attack up by only about 1.2x, while two single-threaded
-processes, each attacking its own batch, keep both cores busy (``docs/performance.md``). The workers
+model), and a second intra-op thread speeds one attack up much less than a second process attacking its own
+batch (``docs/performance.md``, "Evaluation time"). The workers
 are forked from the evaluating process once the model, its views and the examples exist, so only batch
 indices and per-example results cross between processes. They exist only for a CPU run on Linux: fork
 is unsafe once CUDA is initialised, and macOS and Windows start processes otherwise.
