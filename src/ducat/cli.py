@@ -44,8 +44,10 @@ class _Parser(argparse.ArgumentParser):
 def _cmd_train(args: argparse.Namespace) -> int:
     from ducat.train import setup_runtime, train
 
-    _hold_warnings()
-    config = _train_config(args)
+    with warnings.catch_warnings(record=True) as caught:  # ducat's are held until the run is set up
+        warnings.simplefilter("always", ScheduleWarning)
+        config = _train_config(args)
+    held = _ducat_warnings(caught)
     if args.until_epoch is not None and not 1 <= args.until_epoch <= config.optim.epochs:
         raise UsageError(f"--until-epoch must be in [1, {config.optim.epochs}], got {args.until_epoch}")
     setup_runtime(config.run)
@@ -53,7 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     def ready() -> None:  # every input check passed: the run is about to start
         if not args.resume and os.environ.get("RANK", "0") == "0":
             print(f"training {args.config} ({config.optim.epochs} epochs) into {config.run.out}", flush=True)
-        _flush_warnings()
+        for line in held:
+            print(line, file=sys.stderr, flush=True)
 
     try:
         result = train(config, resume=bool(args.resume), until_epoch=args.until_epoch, on_ready=ready)
@@ -296,47 +299,21 @@ def _one_line(message: object) -> str:
     return str(message).translate(_LINE_BREAKS)
 
 
-_held_warnings: list[str] | None = None  # while a command checks its input (ducat train until the run is set up)
-_python_showwarning = warnings.showwarning
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """ducat's own warnings as one line each, ``ducat: warning: ...``; held while ``ducat train`` still checks its
-    input (:func:`_hold_warnings`), so that bad input gives its error line alone. Others print as Python's."""
-    if not issubclass(category, ScheduleWarning):
-        _python_showwarning(message, category, filename, lineno, file, line)
-    elif _held_warnings is not None:
-        _held_warnings.append(f"ducat: warning: {_one_line(message)}")
-    else:
-        print(f"ducat: warning: {_one_line(message)}", file=sys.stderr, flush=True)
-
-
-def _hold_warnings() -> None:
-    global _held_warnings
-    _held_warnings = []
-
-
-def _flush_warnings() -> None:
-    global _held_warnings
-    for line in _held_warnings or []:
-        print(line, file=sys.stderr, flush=True)
-    _held_warnings = None
+def _ducat_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """ducat's own warnings of ``caught`` (a :class:`ScheduleWarning`) as ``ducat: warning: ...`` lines; any other
+    warning is shown at once as Python shows it."""
+    lines = []
+    for w in caught:
+        if issubclass(w.category, ScheduleWarning):
+            lines.append(f"ducat: warning: {_one_line(w.message)}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    global _held_warnings
     prepare_environment()  # before torch loads: OpenMP threads spin briefly, then sleep (see ducat.runtime)
-    code = 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("always", ScheduleWarning)
-        warnings.showwarning = _show_warning
-        try:
-            code = _main(argv)
-        finally:
-            if code != 2:  # a command that failed on its input shows the error alone
-                _flush_warnings()
-            _held_warnings = None
-    return code
+    return _main(argv)
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:

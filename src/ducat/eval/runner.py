@@ -180,7 +180,6 @@ def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch
     every clean-correct one)."""
     projected, raw = predictions(model, x, settings.batch_size)
     clean = (projected == y).cpu().numpy()
-    labels = y.cpu().numpy()
     results: dict[str, AttackResult] = {}
     logs: dict[str, list[str]] = {}
     worst = clean.copy() if survivors is None else clean & survivors
@@ -189,16 +188,31 @@ def run_plan(plan: list[AttackSpec], model: nn.Module, x: torch.Tensor, y: torch
         for wave in waves(plan):
             for number in wave:
                 progress(plan[number].key, number + 1, len(plan))
-            _run_wave(plan, wave, worst.copy(), clean, settings, cache, map_jobs, results, logs)
-            for number in wave:
-                spec = plan[number]
-                if spec.rescores is not None:
-                    source = results[spec.rescores]
-                    results[spec.key] = AttackResult((source.raw == labels) & source.attacked, source.raw,
-                                                     source.projected, source.attacked)
-                if spec.in_worst_case or (spec.variant and spec.scoring is Scoring.PROJECTED):  # or a check's rerun
-                    worst &= results[spec.key].robust | ~clean
+            crafted = [n for n in wave if plan[n].rescores is None]
+            wave_results, wave_logs = _run_wave([(n, plan[n]) for n in crafted], worst, clean, settings, cache,
+                                                map_jobs)
+            results |= wave_results | {plan[n].key: rescored(plan[n], results | wave_results, y.cpu().numpy())
+                                       for n in wave if n not in crafted}
+            logs |= wave_logs
+            worst = worst_after([plan[n] for n in wave], results, worst, clean)
     return Outcome(clean, raw.cpu().numpy(), results, worst, logs)
+
+
+def rescored(spec: AttackSpec, results: dict[str, AttackResult], labels: np.ndarray) -> AttackResult:
+    """The result of a spec that scores the adversarial inputs of ``spec.rescores`` again by the raw 2C argmax:
+    the one place a result is rescored."""
+    source = results[spec.rescores]
+    return AttackResult((source.raw == labels) & source.attacked, source.raw, source.projected, source.attacked)
+
+
+def worst_after(specs: list[AttackSpec], results: dict[str, AttackResult], worst: np.ndarray,
+                clean: np.ndarray) -> np.ndarray:
+    """The per-example worst case ``(N,)`` once ``specs`` are in: robust only where every counted result is (a
+    check's rerun counts toward its own check's worst case)."""
+    for spec in specs:
+        if spec.in_worst_case or (spec.variant and spec.scoring is Scoring.PROJECTED):
+            worst = worst & (results[spec.key].robust | ~clean)
+    return worst
 
 
 def waves(plan: list[AttackSpec]) -> list[list[int]]:
@@ -214,38 +228,37 @@ def waves(plan: list[AttackSpec]) -> list[list[int]]:
     return groups
 
 
-def _run_wave(plan: list[AttackSpec], wave: list[int], survivors: np.ndarray, clean: np.ndarray,
-              settings: EvalSettings, cache: ResultCache, map_jobs: MapFn, results: dict[str, AttackResult],
-              logs: dict[str, list[str]]) -> None:
-    """Craft and score the attacks ``wave`` (except rescorings) into ``results``, from the cache where it has
-    them; each computed attack is cached as soon as its last batch is in, so an interruption keeps it."""
-    jobs, pending = [], {}
-    for number in wave:
-        spec = plan[number]
+def _run_wave(numbered: list[tuple[int, AttackSpec]], survivors: np.ndarray, clean: np.ndarray,
+              settings: EvalSettings, cache: ResultCache,
+              map_jobs: MapFn) -> tuple[dict[str, AttackResult], dict[str, list[str]]]:
+    """(results, AutoAttack log lines) by key of the crafting attacks ``numbered`` (their numbers in the plan the
+    workers hold, and the specs), from the cache where it has them; each computed attack is cached as soon as its
+    last batch is in, so an interruption keeps it."""
+    results, logs, jobs, pending = {}, {}, [], {}
+    number_of = {spec.key: number for number, spec in numbered}
+    for _, spec in numbered:
         on = survivors if spec.scope is Scope.SURVIVORS else clean
-        if spec.rescores is not None or (cached := cache.get(spec.key, on)) is not None:
-            if spec.rescores is None:
-                results[spec.key] = cached
+        if (cached := cache.get(spec.key, on)) is not None:
+            results[spec.key] = cached
             continue
         n = len(on)
-        pending[number] = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64),
-                                       on.copy(), {})
-        jobs += [(number, batch) for batch in split_batches(np.flatnonzero(on), settings.batch_size,
-                                                            settings.workers)]
-    left = Counter(number for number, _ in jobs)
+        pending[spec.key] = AttackResult(np.zeros(n, bool), np.full(n, -1, np.int64), np.full(n, -1, np.int64),
+                                         on.copy(), {})
+        jobs += [(spec, batch) for batch in split_batches(np.flatnonzero(on), settings.batch_size, settings.workers)]
+    left = Counter(spec.key for spec, _ in jobs)
     lines: dict[int, list[str]] = {}
-    for index, (robust, raw, projected, log, flags) in map_jobs(_attack_batch, jobs):
-        number, batch = jobs[index]
-        result = pending[number]
+    for index, (robust, raw, projected, log, flags) in map_jobs(_attack_batch, [(number_of[spec.key], batch)
+                                                                                for spec, batch in jobs]):
+        spec, batch = jobs[index]
+        result = pending[spec.key]
         result.robust[batch], result.raw[batch], result.projected[batch], lines[index] = robust, raw, projected, log
         for name, flag in flags.items():
             result.indicators.setdefault(name, np.zeros(len(result.robust), bool))[batch] = flag
-        left[number] -= 1
-        if not left[number]:  # complete: keep it, with its AutoAttack log lines in batch order
-            logs[plan[number].key] = [line for i, (n, _) in enumerate(jobs) if n == number for line in lines.pop(i)]
-            cache.put(plan[number].key, result)
-    for number, result in pending.items():
-        results[plan[number].key] = result
+        left[spec.key] -= 1
+        if not left[spec.key]:  # complete: keep it, with its AutoAttack log lines in batch order
+            logs[spec.key] = [line for i, (s, _) in enumerate(jobs) if s.key == spec.key for line in lines.pop(i)]
+            cache.put(spec.key, result)
+    return results | pending, logs
 
 
 def split_batches(index: np.ndarray, batch_size: int, workers: int) -> list[np.ndarray]:
