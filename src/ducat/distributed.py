@@ -84,6 +84,11 @@ def context_from_env(device_name: str) -> DistContext:
 
 
 def close_process_group() -> None:
-    """End the process group of this process, if one was started (NCCL warns about a leaked one at exit)."""
+    """End the process group of this process, if one was started (NCCL warns about a leaked one at exit).
+
+    All ranks meet at a barrier first: rank 0 hosts the rendezvous store, and a rank that tears the group down while
+    another still uses it can abort at exit ("terminate called without an active exception", seen with gloo on a
+    loaded machine)."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
