@@ -159,11 +159,12 @@ def check_distributed(c: Checks) -> None:
     script = ("import sys; from pathlib import Path; from ducat.reproduce import SCALES, plan, run_config;"
               "from ducat.reproduce.grid import train_run; run = plan(SCALES['smoke'])[0];"
               f"config = run_config(run, Path(sys.argv[1]), None); config.run.device = '{device}';"
-              "train_run(run, config, Path(sys.argv[1]), 2, print)")
+              "train_run(run, config, Path(sys.argv[1]), 2, print); print('RUN', run.name)")
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", script, str(c.out / "grid")], capture_output=True, text=True,
                           timeout=900)
-    ok = done.returncode == 0 and (c.out / "grid" / "runs" / "pgd_at-s0" / "summary.json").is_file()
+    name = done.stdout.split("RUN ")[-1].strip() if "RUN " in done.stdout else "?"
+    ok = done.returncode == 0 and (c.out / "grid" / "runs" / name / "summary.json").is_file()
     last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
     c.record("reproduce --nproc", "PASS" if ok else "FAIL",
              f"first smoke run on 2 processes ({backend}), {time.perf_counter() - started:.0f} s" if ok else last)
