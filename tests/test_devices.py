@@ -34,6 +34,8 @@ DIGITS = "cpu-digits-small_cnn-pgd_at-ducat"
 TINY = ["data.n_train=120", "data.batch_size=40", "attack.steps=1", "validation.pgd_steps=1",
         "validation.n_examples=20", "optim.epochs=2", "optim.milestones=[1]", "ducat.start_epoch=2",
         "run.progress=false", "run.tensorboard=false", "run.device=cpu", "run.threads=1"]
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+BACKGROUND = {"gpu_check": lambda run, tmp: run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--out", str(tmp)])}
 
 
 # ---- tensors that follow the model's device ------------------------------------------------------------------------
@@ -277,11 +279,10 @@ def test_eval_reads_the_data_root_the_run_trained_with(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_gpu_check_passes_at_toy_size_on_the_cpu(tmp_path):
-    """``benchmarks/gpu_check.py --device cpu`` runs every check of the GPU machine check, so it cannot rot."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    done = subprocess.run([sys.executable, str(script), "--device", "cpu", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=900)
+def test_the_gpu_check_passes_at_toy_size_on_the_cpu(background):
+    """``benchmarks/gpu_check.py --device cpu`` runs every check of the GPU machine check, so it cannot rot (run
+    in conftest's background lane)."""
+    done = background.result("gpu_check")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     verdicts = [line.split(" ", 1)[0] for line in done.stdout.splitlines() if line.split(" ", 1)[0] in
                 ("PASS", "FAIL", "SKIP")]

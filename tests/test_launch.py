@@ -3,10 +3,11 @@ engine.py, jobs.py).
 
 Without the cluster extra (``pip install -e ".[cluster]"``) the tests that need Dask are skipped; CI installs
 it. The slow tests share one module fixture, three real ``ducat reproduce`` invocations at the smoke scale
-(one seed, no variant): the sequential path, then the local launcher with 2 jobs at a time during which one
-job is SIGKILLed midway (the crash hook of ``ducat.fileio``: the trunk ``trunk-pgd_at-s0``, the only job
-that writes ``epoch_1.pt``, kills itself while writing it, after its epoch-1 ``last.pt``), then the same
-command again, which resumes it.
+(one seed), run in conftest's background lane: the sequential path (``smoke_grid``, shared with
+tests/test_reproduce.py), then the local launcher with 2 jobs at a time during which one job is SIGKILLed
+midway (the crash hook of ``ducat.fileio``: the trunk ``trunk-pgd_at-s0``, the only job that writes
+``epoch_1.pt``, kills itself while writing it, after its epoch-1 ``last.pt``), then the same command again,
+which resumes it.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ HAS_JOBQUEUE = HAS_DASK and importlib.util.find_spec("dask_jobqueue") is not Non
 INSTALL = 'pip install -e ".[cluster]"'
 needs_dask = pytest.mark.skipif(not HAS_DASK, reason=f"Dask is not installed: {INSTALL}")
 needs_jobqueue = pytest.mark.skipif(not HAS_JOBQUEUE, reason=f"dask-jobqueue is not installed: {INSTALL}")
-GRID = ["reproduce", "--scale", "smoke", "--seeds", "1", "--variants=", "--threads", "1", "--workers", "1"]
+GRID = ["reproduce", "--scale", "smoke", "--seeds", "1", "--threads", "1", "--workers", "1"]  # as conftest's smoke_grid
 LAUNCHED = [*GRID, "--launcher", "local", "--jobs", "2"]
 KILLED = "trunk-pgd_at-s0"
 NEEDS_KILLED = ("pgd_at-ducat-s0", "pgd_at-toy-s0", "ablation-start_epoch-2", "ablation-beta1-1")
@@ -265,54 +266,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _ducat(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    base = {k: v for k, v in os.environ.items() if k != "DUCAT_TEST_CRASH_AT"}
-    return subprocess.Popen([sys.executable, "-m", "ducat", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**base, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
-    try:
-        out, err = proc.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 
 
+def launched_grid(run, tmp: Path) -> tuple[Path, subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """The launched grid ``tmp / "launched"`` with one job killed, then its rerun (conftest's background lane)."""
+    out = tmp / "launched"
+    command = [sys.executable, "-m", "ducat", *LAUNCHED, "--out", str(out)]
+    killed = run(command, DUCAT_TEST_CRASH_AT="replaced:epoch_1.pt.sha256", OMP_NUM_THREADS="1")
+    killed.files = _files(out)  # what the first invocation left, before the rerun adds to it
+    killed.last_epoch = load_checkpoint(out / "runs" / KILLED / "last.pt")["epoch"]
+    return out, killed, run(command, OMP_NUM_THREADS="1")
+
+
+BACKGROUND_READS = ("smoke_grid",)
+BACKGROUND = {"launched_grid": launched_grid} if HAS_DASK else {}
+
+
 @pytest.fixture(scope="module")
-def grids(tmp_path_factory):
-    """The sequential grid, the launched grid with one job killed, and the launched grid's rerun. The
-    sequential grid runs beside the launched ones: single-threaded, it leaves a core free that they use."""
+def grids(background):
+    """The sequential grid (conftest's shared ``smoke_grid``), the launched grid with one job killed, and the
+    launched grid's rerun, all run in conftest's background lane."""
     if not HAS_DASK:
         pytest.skip(f"Dask is not installed: {INSTALL}")
-    root = tmp_path_factory.mktemp("grids")
-    started = time.perf_counter()
-    sequential = _ducat([*GRID, "--out", str(root / "sequential")])
-    killed = _finish(_ducat([*LAUNCHED, "--out", str(root / "launched")],
-                            {"DUCAT_TEST_CRASH_AT": "replaced:epoch_1.pt.sha256"}))
-    killed.files = _files(root / "launched")  # what the first invocation left, before the rerun adds to it
-    killed.last_epoch = load_checkpoint(root / "launched" / "runs" / KILLED / "last.pt")["epoch"]
-    rerun = _finish(_ducat([*LAUNCHED, "--out", str(root / "launched")]))
-    sequential = _finish(sequential)
+    sequential = background.result("smoke_grid")
     assert sequential.returncode == 0, sequential.stderr[-2000:]
-    print(f"the three grid invocations: {time.perf_counter() - started:.0f} s")
-    return root, killed, rerun
+    launched, killed, rerun = background.result("launched_grid")
+    return launched, sequential.out, killed, rerun
 
 
 @pytest.mark.slow
 def test_a_job_killed_midway_is_reported_with_its_log_and_the_other_jobs_finish(grids):
-    root, killed, _ = grids
-    out = root / "launched"
+    out, _, killed, _ = grids
     log = out / "logs" / f"train-{KILLED}.log"
     assert killed.returncode == 2, killed.stderr[-2000:]
     error = killed.stderr.strip().splitlines()[-1]
     print(error)
-    assert error.startswith(f"ducat: error: 1 of 26 jobs failed: train-{KILLED} was killed by SIGKILL (signal 9); "
+    assert error.startswith(f"ducat: error: 1 of 29 jobs failed: train-{KILLED} was killed by SIGKILL (signal 9); "
                             f"log: {log}; 8 jobs that need them were not run; "), error
     assert any(line.endswith(f"FAILED train-{KILLED} was killed by SIGKILL (signal 9); log: {log}")
                for line in (line.split(" | ")[0] for line in killed.stderr.splitlines())), killed.stderr  # live
@@ -323,7 +314,7 @@ def test_a_job_killed_midway_is_reported_with_its_log_and_the_other_jobs_finish(
     # killed while writing its epoch-1 fork checkpoint (checksum in place, data not): last.pt is epoch 1
     assert killed.last_epoch == 1 and f"runs/{KILLED}/epoch_1.pt" not in files
     others = {f.split("/")[1] for f in files if f.startswith("runs/")} - {KILLED}
-    assert len(others) == 10
+    assert len(others) == 12
     for name in others:  # every job that did not need the killed one finished: trained, and evaluated
         assert f"runs/{name}/" + ("epoch_2.pt" if name.startswith("trunk-") else "eval/report.json") in files, name
     assert "report.md" not in files
@@ -331,10 +322,9 @@ def test_a_job_killed_midway_is_reported_with_its_log_and_the_other_jobs_finish(
 
 @pytest.mark.slow
 def test_the_rerun_resumes_the_killed_job_and_submits_only_what_is_missing(grids):
-    root, _, rerun = grids
-    out = root / "launched"
+    out, _, _, rerun = grids
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert "launcher local: 9 jobs to run (17 done before)" in rerun.stdout
+    assert "launcher local: 9 jobs to run (20 done before)" in rerun.stdout
     started = [line.split(" started ")[1].split(" |")[0] for line in rerun.stderr.splitlines() if " started " in line]
     missing = [f"train-{KILLED}", *[f"{kind}-{name}" for name in NEEDS_KILLED for kind in ("train", "eval")]]
     assert sorted(started) == sorted(missing)
@@ -346,12 +336,11 @@ def test_the_rerun_resumes_the_killed_job_and_submits_only_what_is_missing(grids
 
 @pytest.mark.slow
 def test_the_launched_grid_gives_the_sequential_results_mask_for_mask(grids):
-    root, _, rerun = grids
-    sequential, launched = root / "sequential", root / "launched"
+    launched, sequential, _, rerun = grids
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads((launched / "results.json").read_text()) == json.loads((sequential / "results.json").read_text())
     masks = sorted(p.relative_to(sequential) for p in sequential.glob("runs/*/eval/masks.npz"))
-    assert len(masks) == 11
+    assert len(masks) == 12
     for path in masks:
         with np.load(sequential / path) as a, np.load(launched / path) as b:
             assert sorted(a.files) == sorted(b.files)

@@ -131,7 +131,7 @@ def test_finetune_refuses_a_checkpoint_of_another_model(tmp_path):
 def test_quickstart_end_to_end(tmp_path, capsys):
     from ducat.quickstart import quickstart
 
-    rows = quickstart(tmp_path, progress=False)
+    rows = quickstart(tmp_path, epochs=10, progress=False)  # the preset's schedule scaled to 10 epochs
     out = capsys.readouterr().out
     assert "| pgd_at | " in out and "| pgd_at-ducat | " in out and str(tmp_path) in out
     for name in ("pgd_at", "pgd_at-ducat"):
@@ -139,7 +139,7 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         assert rows[name]["clean"] > 0.9  # digits is easy: a broken loop would not get here
         assert 0 < rows[name]["pgd_projected"] <= rows[name]["clean"]
     # a second call reuses the finished runs instead of training again
-    quickstart(tmp_path, progress=False)
+    quickstart(tmp_path, epochs=10, progress=False)
     assert "already finished" in capsys.readouterr().out
 
 

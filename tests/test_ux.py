@@ -593,7 +593,8 @@ def test_l2_evaluation_runs_pgd_and_autoattack_l2_under_both_protocols(monkeypat
 
     monkeypatch.setattr(pyautoattack, "AutoAttack", RecordingAutoAttack)
     model, x, y = _tiny_ducat_model()
-    settings = EvalSettings(eps=0.5, norm="L2", attacks=("pgd10", "autoattack"), workers=1)  # recorded here
+    settings = EvalSettings(eps=0.5, norm="L2", attacks=("pgd10", "autoattack"), workers=1,  # recorded here
+                            unbounded_examples=2, unit_test_examples=2, convergence_examples=4, transfer_steps=5)
     report = evaluate(model, x[:16], y[:16], settings, progress=False)
     ids = {r["id"] for r in report.results if not r.get("check")}  # the checks' own rows (transfer) aside
     assert ids == {"paper-pgd10", "paper-autoattack", "raw-autoattack", "adaptive-pgd10", "adaptive-autoattack"}

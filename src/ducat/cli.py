@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="the paper's grid, tables and figures under both protocols")
     p.add_argument("--scale", required=True, choices=tuple(SCALES),
-                   help="smoke: digits, every piece, ~2 min; mini: Fashion-MNIST, MLP, 5 seeds; cnn: Fashion-MNIST "
+                   help="smoke: digits, every piece, ~1 min; mini: Fashion-MNIST, MLP, 5 seeds; cnn: Fashion-MNIST "
                         "28x28, small CNN, PGD-AT with and without DUCAT, 5 seeds (docs/results.md has the measured "
                         "times); full-cpu: full Fashion-MNIST, MLP, ~4-4.5 h (estimated); paper: the CIFAR-10 recipe, "
                         "GPUs")
