@@ -159,7 +159,9 @@ def test_configure_determinism_off_in_a_fresh_process_loads_no_compiler():
     assert out.stdout.split() == ["False", "False", "False", "False"]
 
 
-def test_native_bf16_matches_the_cpu_flags():
+def test_native_bf16_matches_the_cpu_flags(monkeypatch):
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
     flags = set()
     if Path("/proc/cpuinfo").exists():
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -173,6 +175,13 @@ def test_native_bf16_matches_the_cpu_flags():
     assert native_bf16("meta") is False
     if not torch.cuda.is_available():
         assert native_bf16("cuda") is False
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX2_VNNI_2"])
+def test_native_bf16_is_false_where_onednn_is_capped_below_bf16(monkeypatch, cap):
+    """How CI's AVX2-only machines are emulated here: oneDNN capped at AVX2 emulates bf16 on any CPU."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert native_bf16("cpu") is False
 
 
 def test_training_precision_is_fp32_unless_bf16_is_asked_for(monkeypatch):

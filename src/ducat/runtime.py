@@ -140,8 +140,9 @@ def cuda_unavailable_reason() -> str | None:
 def native_bf16(device: Any) -> bool:
     """True where bf16 matmuls and convolutions run in hardware: a CUDA GPU of compute capability 8.0 or
     later (``torch.cuda.is_bf16_supported()`` also counts emulation on a V100 or T4), or a CPU with
-    AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels. Elsewhere bf16 is emulated and slower
-    than fp32."""
+    AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels and whose oneDNN is not capped below them
+    (``ONEDNN_MAX_CPU_ISA=AVX2``, which is how an AVX2-only CPU is emulated on a newer one). Elsewhere bf16
+    is emulated and slower than fp32."""
     import torch
 
     device = torch.device(device)
@@ -150,10 +151,20 @@ def native_bf16(device: Any) -> bool:
     if device.type != "cpu":
         return False
     flags = cpu_capabilities()
-    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")):
+    if not (flags.get("avx512_bf16") or flags.get("amx_bf16")) or onednn_capped_below_bf16():
         return False
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(check()) if check is not None else torch.backends.mkldnn.is_available()
+
+
+ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_capped_below_bf16() -> bool:
+    """True where ``ONEDNN_MAX_CPU_ISA`` (or its old name ``DNNL_MAX_CPU_ISA``) caps oneDNN at an instruction set
+    without bf16 dot products, which oneDNN then emulates."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    return cap.strip().upper() in ONEDNN_ISAS_WITHOUT_BF16
 
 
 def cpu_capabilities() -> Mapping[str, Any]:
