@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load
 from torch import nn
 
 from ducat.errors import CheckpointError
@@ -215,8 +216,6 @@ def _load_safetensors(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     Format: 8 bytes little-endian header length n, n bytes of JSON ``{name: {dtype, shape, data_offsets:
     [begin, end]}, "__metadata__": {...}}``, then the data. A header claiming more bytes than the file
     holds is refused before safetensors parses it (the file's size is already within the limit)."""
-    from safetensors.torch import load
-
     invalid = f"checkpoint '{path}' is not a valid safetensors file"
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:

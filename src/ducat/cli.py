@@ -2,6 +2,10 @@
 
 Every known bad input (config value, dataset, checkpoint, run directory) ends in one line on
 stderr, ``ducat: error: ...``, and exit code 2, before any compute.
+
+The command handlers import the library inside themselves: torch must load after
+:func:`~ducat.runtime.prepare_environment` has set its OpenMP runtime up (the wait policy only works when set
+before torch loads; ``tests/test_runtime.py``), and ``ducat --help`` or a bad option then answers without it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ducat import __version__
 from ducat.cli_options import (
     add_check_arguments,
     check_output_dir,
@@ -42,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ducat.train import setup_runtime, train
+    from ducat.train import setup_runtime, train  # torch: loads after prepare_environment
 
     with warnings.catch_warnings(record=True) as caught:  # ducat's are held until the run is set up
         warnings.simplefilter("always", ScheduleWarning)
@@ -99,7 +104,7 @@ def _resume_hint(run_dir: Path) -> str:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from ducat.quickstart import quickstart
+    from ducat.quickstart import quickstart  # torch: loads after prepare_environment
 
     set_threads(args.threads)
     check_output_dir(Path(args.out), "--out")
@@ -113,7 +118,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_reproduce(args: argparse.Namespace) -> int:
-    from ducat.reproduce import reproduce
+    from ducat.reproduce import reproduce  # torch: loads after prepare_environment
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
@@ -130,14 +135,14 @@ def _cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
-    from ducat.presets import presets_table
+    from ducat.presets import presets_table  # torch: loads after prepare_environment
 
     print(presets_table(include_base=args.all))
     return 0
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from ducat.analysis import training_curves
+    from ducat.analysis import training_curves  # torch: loads after prepare_environment
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -153,8 +158,8 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from ducat.eval import evaluate_checkpoint, fast_names
-    from ducat.eval.api import default_output
+    from ducat.eval import evaluate_checkpoint, fast_names  # torch: loads after prepare_environment
+    from ducat.eval.api import default_output  # torch: loads after prepare_environment
 
     settings = eval_settings(args, fast_names())
     eps = parse_fraction(args.eps, "--eps") if args.eps is not None else None
@@ -174,7 +179,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from ducat.eval import EvalSettings, Protocol, attack_names
+    from ducat.eval import EvalSettings, Protocol, attack_names  # torch: loads after prepare_environment
 
     parser.add_argument("target", nargs="?", help="run directory or checkpoint (.pt or .safetensors); none with --load")
     parser.add_argument("--eps", help="budget in [0,1] pixel units, e.g. 8/255 (default: the run's training eps)")
@@ -212,7 +217,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
-    from ducat.reproduce.launch import LAUNCHERS
+    from ducat.reproduce.launch import LAUNCHERS  # torch: loads after prepare_environment
 
     group = parser.add_argument_group("launcher", "run the grid's jobs through Dask (pip install -e \".[cluster]\"); "
                                                   "see README, Running the grid on many GPUs")
@@ -234,8 +239,7 @@ def _add_threads_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ducat import __version__
-    from ducat.reproduce.scales import SCALES, VARIANTS
+    from ducat.reproduce.scales import SCALES, VARIANTS  # torch: loads after prepare_environment
 
     parser = _Parser(prog="ducat", description="Dummy-class adversarial training and honest evaluation.")
     parser.add_argument("--version", action="version", version=f"ducat {__version__}")

@@ -66,7 +66,7 @@ CHECK_OPTIONS = {  # ducat eval option -> EvalSettings field of a check of the e
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """``ducat eval``'s options of the checks of the evaluation itself: their sizes, 0 for off."""
-    from ducat.eval.settings import EvalSettings
+    from ducat.eval.settings import EvalSettings  # torch: loads after prepare_environment
 
     for option, (name, text) in CHECK_OPTIONS.items():
         parser.add_argument(option, type=int, metavar="N", default=getattr(EvalSettings, name),

@@ -29,6 +29,8 @@ from functools import lru_cache
 
 from ducat.config import TrainConfig, base_presets, load_config, preset_names
 from ducat.data import dataset_info
+from ducat.dummy import widen_model
+from ducat.models import build_model, count_flops
 from ducat.objectives import METHODS
 
 
@@ -75,9 +77,6 @@ class Work:
 @lru_cache(maxsize=None)
 def _forward_flops(model: str, dataset: str) -> tuple[int, int]:
     """``F`` of the C-output model and of its 2C-output widening (one model built, widened in place)."""
-    from ducat.dummy import widen_model
-    from ducat.models import build_model, count_flops
-
     info = dataset_info(dataset)
     shape = (info.in_channels, info.image_size, info.image_size)
     net = build_model(model, info.num_classes, info.in_channels)

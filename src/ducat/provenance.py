@@ -10,6 +10,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from ducat import __version__
+
 PACKAGE_ROOT = Path(__file__).resolve().parent
 
 
@@ -47,8 +49,6 @@ def git_commit() -> str | None:
 def provenance(device: str | None = None) -> dict[str, Any]:
     """ducat version, git commit and source digest, torch and pyautoattack versions, the command line, the
     device."""
-    from ducat import __version__
-
     return {"ducat": __version__, "git_commit": git_commit(), "source_sha256": source_digest(),
             "torch": _version("torch"), "pyautoattack": _version("pyautoattack"), "python": sys.version.split()[0],
             "command": " ".join(sys.argv), "device": device}

@@ -70,7 +70,7 @@ def configure_threads(requested: int | None) -> int:
 
     Call once at start-up, before any compute: "auto" starts from ``torch.get_num_threads()``, which is
     torch's default only until something sets it."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     if requested is not None and requested < 1:
         raise ValueError(f"threads must be >= 1, got {requested}")
@@ -90,7 +90,7 @@ def configure_determinism(deterministic: bool) -> None:
     (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts; set here unless the user set it), and it turns off
     ``cudnn.benchmark``, which may pick a different convolution algorithm in every process. Otherwise the
     autotuner is on: a training run calls the same few convolution shapes millions of times."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     if deterministic:
         os.environ.setdefault(*CUBLAS_WORKSPACE)
@@ -109,10 +109,10 @@ def derive_seed(*parts: object) -> int:
 
 def seed_everything(seed: int) -> None:
     """Seed torch's global generators (CPU and every CUDA device), Python's and NumPy's."""
-    import random
+    import random  # with numpy and torch below: not at import time
 
     import numpy as np
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     torch.manual_seed(seed)
     random.seed(seed)
@@ -123,7 +123,7 @@ def seed_everything(seed: int) -> None:
 def cuda_unavailable_reason() -> str | None:
     """Why this process cannot use CUDA, in one line (None when it can): a torch build without CUDA, no
     driver, a driver too old for the build, or no visible device (the driver's own message where it gives one)."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
         return f"this torch build ({torch.__version__}) has no CUDA support"
@@ -143,7 +143,7 @@ def native_bf16(device: Any) -> bool:
     AVX512-BF16 or AMX-BF16 whose oneDNN build has bf16 kernels and whose oneDNN is not capped below them
     (``ONEDNN_MAX_CPU_ISA=AVX2``, which is how an AVX2-only CPU is emulated on a newer one). Elsewhere bf16
     is emulated and slower than fp32."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     device = torch.device(device)
     if device.type == "cuda":  # bf16 tensor cores from Ampere (8.0) on; older GPUs emulate it
@@ -169,7 +169,7 @@ def onednn_capped_below_bf16() -> bool:
 
 def cpu_capabilities() -> Mapping[str, Any]:
     """CPU feature flags from torch's cpuinfo (``torch.cpu.get_capabilities``), else ``/proc/cpuinfo``."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
 
     get = getattr(torch.cpu, "get_capabilities", None)
     if get is not None:
@@ -188,7 +188,7 @@ def channels_last_faster(model: Any, device: Any) -> bool:
     (oneDNN) and CUDA: faster for small_cnn, whose max-pool runs several times faster in NHWC, and no slower
     for the ResNets (``docs/performance.md``, "The means of the defaults"); a model without convolutions gains
     nothing from the layout."""
-    import torch
+    import torch  # not at import time: prepare_environment runs first
     from torch import nn
 
     if torch.device(device).type not in ("cpu", "cuda"):

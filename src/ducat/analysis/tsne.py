@@ -14,12 +14,11 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ducat.analysis._figure import save_figure
+from ducat.dummy import find_last_linear
 
 
 def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     """Inputs of the last ``nn.Linear`` (the classifier) for ``x``: ``(N, D)`` numpy."""
-    from ducat.dummy import find_last_linear
-
     layer = model.get_submodule(find_last_linear(model))
     captured: list[torch.Tensor] = []
     handle = layer.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach().flatten(1).cpu()))
@@ -34,7 +33,7 @@ def penultimate_features(model: nn.Module, x: torch.Tensor, batch_size: int = 25
 
 def tsne_embed(features: np.ndarray, seed: int = 0) -> np.ndarray:
     """2-D t-SNE embedding ``(N, 2)`` of ``features`` ``(N, D)``; perplexity shrinks for small N."""
-    from sklearn.manifold import TSNE
+    from sklearn.manifold import TSNE  # scikit-learn takes about a second to import
 
     perplexity = min(30.0, max(2.0, (len(features) - 1) / 3))
     return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)

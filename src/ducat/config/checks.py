@@ -37,7 +37,7 @@ def validate(config: TrainConfig) -> None:
     Everything that would otherwise fail only once training runs is checked here, before any data
     is read: split sizes, crop padding, the learning-rate schedule, the run directory."""
     from ducat.data import DataError, dataset_info  # torch: config loads before the CLI sets torch's runtime up
-    from ducat.models import MODEL_NAMES
+    from ducat.models import MODEL_NAMES  # torch, as the line above
 
     try:
         info = dataset_info(config.data.dataset)

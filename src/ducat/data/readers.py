@@ -59,12 +59,12 @@ def _digits_csv() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's digits, ``(1797, 64)`` values 0..16 and ``(1797,)`` labels, read from the file it ships
     (``sklearn/datasets/data/digits.csv.gz``, one row of 64 pixels and the label per image) without importing
     scikit-learn, which takes about a second; through ``load_digits()`` if that file is not where it was."""
-    import importlib.util
+    import importlib.util  # finds sklearn without importing it
 
     spec = importlib.util.find_spec("sklearn")
     path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
     if path is None or not path.is_file():
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # about a second to import: the fallback only
 
         digits = load_digits()
         return digits.data, digits.target
@@ -139,7 +139,7 @@ def _load_fashion_mnist(root: Path | None, train: bool) -> TensorData:
 @functools.lru_cache(maxsize=None)
 def _numpy_globals() -> dict[tuple[str, str], object]:
     try:
-        from numpy._core.multiarray import _reconstruct
+        from numpy._core.multiarray import _reconstruct  # numpy 2 names; numpy 1's below
         from numpy._core.numeric import _frombuffer
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]

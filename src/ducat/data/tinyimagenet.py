@@ -76,7 +76,7 @@ class _TinySource:
 
 
 def _decode_jpeg(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # only Tiny-ImageNet needs it
 
     try:
         with Image.open(io.BytesIO(data)) as img:

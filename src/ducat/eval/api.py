@@ -17,12 +17,15 @@ from ducat.config import ConfigError
 from ducat.data import dataset_info, load_split
 from ducat.dummy import DummyClassModel
 from ducat.eval.checks import CheckRun, run_checks
+from ducat.eval.load import load_function
 from ducat.eval.plan import build_plan
 from ducat.eval.report import EvalReport, build_report, write_report
 from ducat.eval.runner import ResultCache, print_progress, run_fingerprint, run_plan, tensor_digest
 from ducat.eval.settings import EvalSettings
 from ducat.eval.workers import can_fork, default_workers
+from ducat.models import build_model
 from ducat.provenance import file_sha256, provenance
+from ducat.runs import model_from_checkpoint, resolve_checkpoint, select_device
 from ducat.runtime import channels_last_faster
 
 
@@ -88,9 +91,6 @@ def load_target(target: Path, dataset: str | None = None,
     """(model, dataset name, training eps or None, checkpoint facts) for a run directory, a ducat
     checkpoint, or a foreign state dict (``model_name`` and ``dataset`` given). A ducat checkpoint's facts
     include its run's ``data_root``."""
-    from ducat.models import build_model
-    from ducat.runs import model_from_checkpoint, resolve_checkpoint
-
     if not target.exists():
         raise CheckpointError(f"checkpoint '{target}' does not exist")
     if model_name is None:
@@ -138,9 +138,6 @@ def evaluate_checkpoint(target: str | Path | None, out: str | Path | None = None
 
     ``eps`` defaults to the run's training eps and ``data_root`` to the run's ``data.root``; ``settings`` are
     further :class:`EvalSettings` fields; ``surrogate``: the transfer row's run directory or checkpoint."""
-    from ducat.eval.load import load_function
-    from ducat.runs import select_device
-
     target = None if target is None else Path(target)
     dev = select_device(device)
     resolve_workers(EvalSettings(eps=eps or 1.0, **(settings or {})), dev)  # checked before any loading

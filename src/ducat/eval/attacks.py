@@ -222,7 +222,7 @@ def square(queries: int) -> Factory:
 
 def _autoattack(ctx: AttackContext, view: View, device: torch.device, attacks: list[str] | None):
     """pyautoattack's standard AutoAttack on ``view``, seeded with the evaluation's seed; ``attacks``: a subset."""
-    from pyautoattack import AutoAttack
+    from pyautoattack import AutoAttack  # heavy: only when AutoAttack runs
 
     aa = AutoAttack(ctx.views[view], eps=ctx.eps, norm=ctx.settings.norm, seed=ctx.settings.seed,
                     version="standard", device=device)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ducat.attacks import eval_mode
 from ducat.config import ConfigError
 from ducat.data import dataset_info
 from ducat.dummy import DummyClassModel
@@ -99,8 +100,6 @@ def as_evaluable(returned: Any, classes: int, input_shape: tuple[int, ...], sour
 
 def _output_width(module: nn.Module, input_shape: tuple[int, ...], source: str) -> int:
     """The number of logits ``module`` returns for one zero input of ``input_shape`` (eval mode, mode restored)."""
-    from ducat.attacks import eval_mode
-
     param = next(module.parameters(), None)
     x = torch.zeros(input_shape) if param is None else param.new_zeros(input_shape)
     try:

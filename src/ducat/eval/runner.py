@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
@@ -76,8 +77,6 @@ class Outcome:
 def code_version() -> str:
     """Hash of the code that produces attack results: ducat's attack, eval, model and dummy-class sources,
     and the torch and pyautoattack versions."""
-    from importlib.metadata import version
-
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(f"torch {torch.__version__}, pyautoattack {version('pyautoattack')}".encode())
     for path in sorted([*root.glob("attacks/*.py"), *root.glob("eval/*.py"), *root.glob("models/*.py"),

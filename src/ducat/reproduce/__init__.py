@@ -103,7 +103,7 @@ def _reproduce_locked(scale: Scale, runs: list[GridRun], configs: dict[str, Trai
 
 
 def _machine() -> str:
-    import torch
+    import torch  # reading the scales and plans does not load torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {device}, "

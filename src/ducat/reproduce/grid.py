@@ -127,7 +127,7 @@ def finished(run: GridRun, run_dir: Path) -> bool:
 def check_nproc(nproc: int, device: str) -> None:
     """ConfigError (before anything runs) when ``nproc`` CUDA processes per run would need more GPUs than this
     machine has; on the CPU any number of gloo processes may run."""
-    import torch
+    import torch  # the CLI checks options before torch loads
 
     uses_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if nproc > 1 and uses_cuda and nproc > torch.cuda.device_count():

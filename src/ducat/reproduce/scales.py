@@ -123,7 +123,8 @@ SCALES = {
         margin_restarts=2, tsne_examples=400, transfer_examples=500,
         cuts="PGD-AT only, with and without DUCAT and with the merged training attack, on 20000 training images; "
              "the attacks are the ones that set the worst case of these models under ducat eval's full default set "
-             "(docs/results.md shows on two checkpoints that they find the same worst case per example): "
+             "(docs/results.md: on two checkpoints they give the full set's worst-case accuracy, and the same "
+             "worst case on 998 of the 1000 examples, one example broken only by each set): "
              "AutoAttack's APGD-CE and APGD-T under both protocols, PGD-10, PGD-100 on logsumexp-merged logits and "
              "a PGD-100 margin attack"),
     "full-cpu": Scale(

@@ -22,7 +22,7 @@ class EpochProgress:
         self.bar = None
         self.writer = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # loads tensorboard: only when asked for
 
             self.writer = SummaryWriter(str(run_dir / "tb"))
 
@@ -38,7 +38,7 @@ class EpochProgress:
     def start_epoch(self, epoch: int) -> None:
         if not self.show_bar:
             return
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # only on a terminal
 
         if self.bar is not None:
             self.bar.close()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ducat.checkpoint import checkpoint_size_limit, load_checkpoint
 from ducat.config import RunConfig, TrainConfig
@@ -189,8 +190,6 @@ def wrap_distributed(model: nn.Module, dist: DistContext, device: torch.device) 
     (gradients averaged), the model itself in one process."""
     if not dist.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 

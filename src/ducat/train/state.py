@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import yaml
+from safetensors.torch import save as safetensors_bytes
 
 from ducat.checkpoint import CheckpointError, check_training_state, load_checkpoint, save_checkpoint
 from ducat.config import TrainConfig, config_from_dict, describe
@@ -185,13 +186,11 @@ class RunState:
 
     def finish(self, last: dict[str, Any], wall_time_s: float) -> RunResult:
         """``model.safetensors`` (best weights) and ``summary.json``; the run is complete."""
-        from safetensors.torch import save
-
         rows = self.metrics()
         best = next((r for r in rows if r["epoch"] == self.best_epoch), rows[-1])
         last = last or rows[-1]
         best_state = load_checkpoint(self.run_dir / "best.pt")
-        weights = save({k: v.contiguous() for k, v in best_state["model"].items()},
+        weights = safetensors_bytes({k: v.contiguous() for k, v in best_state["model"].items()},
                        metadata={"config": self.config.to_json()})
         summary = {"run_dir": str(self.run_dir), "epochs": self.config.optim.epochs, "best_epoch": self.best_epoch,
                    "selected_on": self.config.validation.select, "best": best, "last": last,
