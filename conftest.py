@@ -75,6 +75,9 @@ class Lane:
         self._live.add(process)
         try:
             out, err = process.communicate(timeout=1800)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
         finally:
             self._live.discard(process)
         return subprocess.CompletedProcess(argv, process.returncode, out, err)
