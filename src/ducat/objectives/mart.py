@@ -19,19 +19,15 @@ from torch import nn
 
 from ducat.dummy import DummyClassModel
 from ducat.objectives.base import Augment, Objective, StepOutput, dummy_mask_probability, register_method
-from ducat.objectives.trades import kl_clean_adv
+from ducat.objectives.trades import TradesParams, kl_clean_adv
 
 
 @dataclass(frozen=True)
-class MartParams:
-    """``beta``: weight of the KL term (>= 0); ``exclude_dummy``: see the module docstring."""
+class MartParams(TradesParams):
+    """``beta``: weight of the KL term (>= 0, checked as TRADES' is); ``exclude_dummy``: see the module
+    docstring."""
 
-    beta: float = 6.0
     exclude_dummy: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.beta >= 0:
-            raise ValueError(f"method.beta must be >= 0, got {self.beta}")
 
 
 @register_method
