@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ducat.checkpoint import load_checkpoint
 from ducat.cli import main
-from ducat.reproduce.engine import Job, JobFailed, run_jobs
+from ducat.reproduce.engine import Job, JobFailed, job_environment, run_jobs
 from ducat.reproduce.launch import Launcher, local_cluster, slurm_cluster, slurm_launcher
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -172,11 +172,23 @@ def _job(tmp_path: Path, name: str, code: str, needs: tuple[str, ...] = ()) -> J
 
 
 @needs_dask
-def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(tmp_path):
+def test_a_job_does_not_inherit_the_dask_nannys_malloc_setting_but_keeps_the_users_and_its_own(monkeypatch):
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # as the nanny leaves it in its worker's environment
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's value, not the nanny's 1
+    env = job_environment(Job("j", ("true",), Path("j.log"), env={"CUDA_VISIBLE_DEVICES": "1"}))
+    assert "MALLOC_TRIM_THRESHOLD_" not in env
+    assert env["OMP_NUM_THREADS"] == "3" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    assert env["PATH"] == os.environ["PATH"] and env["DUCAT_JOB_PARENT"] == str(os.getpid())
+
+
+@needs_dask
+def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     ready = tmp_path / "first.done"
     gpu = f"open({str(tmp_path / 'gpus')!r}, 'a').write(__import__('os').environ['CUDA_VISIBLE_DEVICES'] + ' ')"
+    malloc = f"open({str(tmp_path / 'malloc')!r}, 'w').write(repr(__import__('os').environ.get('MALLOC_TRIM_THRESHOLD_')))"
     jobs = [_job(tmp_path, "first", f"open({str(ready)!r}, 'w'); {gpu}"),  # the first two start at once
-            _job(tmp_path, "third", gpu),
+            _job(tmp_path, "third", f"{gpu}; {malloc}"),
             _job(tmp_path, "broken", "print('about to fail'); raise SystemExit(3)"),
             _job(tmp_path, "second", f"assert __import__('os').path.exists({str(ready)!r})", needs=("first",)),
             _job(tmp_path, "after-broken", "pass", needs=("broken",))]
@@ -201,6 +213,7 @@ def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(
     running = [sum(s <= t < e for s, e in times.values()) for t in moments]
     assert max(running) == 2  # two jobs at a time, never three
     assert sorted((tmp_path / "gpus").read_text().split()) == ["3", "5"]  # the two at once: one "GPU" each
+    assert (tmp_path / "malloc").read_text() == "None"  # the nanny's MALLOC_TRIM_THRESHOLD_ stayed with it
 
     events = [line.split(" ", 1)[1].split(" |")[0] for line in lines]
     for name in ("first", "third", "broken", "second"):  # every start is printed once, before its end
