@@ -186,7 +186,8 @@ def test_engine_runs_two_at_a_time_reports_a_failed_job_and_skips_what_needs_it(
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
     ready = tmp_path / "first.done"
     gpu = f"open({str(tmp_path / 'gpus')!r}, 'a').write(__import__('os').environ['CUDA_VISIBLE_DEVICES'] + ' ')"
-    malloc = f"open({str(tmp_path / 'malloc')!r}, 'w').write(repr(__import__('os').environ.get('MALLOC_TRIM_THRESHOLD_')))"
+    trim = "repr(__import__('os').environ.get('MALLOC_TRIM_THRESHOLD_'))"
+    malloc = f"open({str(tmp_path / 'malloc')!r}, 'w').write({trim})"
     jobs = [_job(tmp_path, "first", f"open({str(ready)!r}, 'w'); {gpu}"),  # the first two start at once
             _job(tmp_path, "third", f"{gpu}; {malloc}"),
             _job(tmp_path, "broken", "print('about to fail'); raise SystemExit(3)"),
