@@ -10,8 +10,9 @@ goes back to the kernel and the next allocation page-faults it in again.
 For each environment the script starts a worker process (glibc reads the variables at process start) that runs
 ``--steps`` PGD-10 training steps of small_cnn on a batch of 128 28x28 images on one thread, after one warm-up
 step, and reports minor page faults per step, the kernel's share of its CPU time and the wall time per step.
-Environments: ``job`` (what a launched job gets now), ``nanny`` (what it inherited before: ``job`` plus
-``MALLOC_TRIM_THRESHOLD_=65536``). The last line reads ``nanny/job: wall ratio R.RRx, faults ratio F.Fx``.
+Environments: ``nanny`` (this environment with Dask's ``pre-spawn-environ`` written in, as a worker has it and
+as a job inherited it before) and ``job`` (what ``job_environment`` makes of it for a launched job now).
+The last line reads ``nanny/job: wall ratio R.RRx, faults ratio F.Fx``.
 
 Page faults and the kernel's share do not depend on what else runs; the wall ratio does, so the script prints the
 load average first: run it on an idle machine (``uptime``).
@@ -28,8 +29,7 @@ import resource
 import subprocess
 import sys
 import time
-
-NANNY = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # the value Dask's nanny sets (distributed.yaml, dask 2026.8)
+from pathlib import Path
 
 
 def worker(steps: int) -> dict[str, float]:
@@ -79,8 +79,15 @@ def main() -> None:
         print(json.dumps(worker(args.worker)))
         return
     print(f"load average before: {os.getloadavg()[0]:.2f} (run on an idle machine for the wall ratio)")
-    job = {k: v for k, v in os.environ.items() if k not in NANNY}
-    results = {"job": measure(job, args.steps), "nanny": measure({**job, **NANNY}, args.steps)}
+    import dask
+    import distributed  # noqa: F401 -- registers the nanny's configuration
+
+    from ducat.reproduce.engine import Job, job_environment
+
+    spawn = dask.config.get("distributed.nanny.pre-spawn-environ")
+    os.environ.update({name: str(value) for name, value in spawn.items() if value is not None})  # as the nanny does
+    job = job_environment(Job("benchmark", (), Path("benchmark.log")))
+    results = {"job": measure(job, args.steps), "nanny": measure(dict(os.environ), args.steps)}
     for name, r in results.items():
         print(f"{name:6s} faults/step {r['faults_per_step']:9.0f}  kernel share {100 * r['kernel_share']:4.1f}%  "
               f"wall/step {r['wall_per_step_s']:.3f} s")
